@@ -1,0 +1,39 @@
+"""gradbench estimators: Monte Carlo gradient estimators behind one small contract.
+
+>>> import estimators
+>>> estimators.available()
+['gumbel_softmax', 'reinforce', 'reparam', 'rloo']
+>>> est = estimators.get("reinforce", baseline="moving_average")
+>>> out = est(dist, f, num_samples=4)          # -> Estimate
+>>> (-out.surrogate.sum()).backward()          # gradient estimate of -sum E_q[f]
+"""
+
+from estimators import exact
+from estimators import relaxed as _relaxed
+
+# Importing the estimator modules registers them.
+from estimators import reparam as _reparam
+from estimators import score_function as _score_function
+from estimators.base import (
+    FAMILIES,
+    Estimate,
+    Estimator,
+    EstimatorBase,
+    family_of,
+)
+from estimators.registry import available, families, get, options, register, supporting
+
+__all__ = [
+    "FAMILIES",
+    "Estimate",
+    "Estimator",
+    "EstimatorBase",
+    "available",
+    "exact",
+    "families",
+    "family_of",
+    "get",
+    "options",
+    "register",
+    "supporting",
+]

@@ -1,0 +1,82 @@
+"""Baselines for score-function estimators: small modules giving ``b`` for ``f - b``.
+
+A baseline maps per-sample values ``f`` of shape ``[S, *batch_shape]`` to a baseline of a
+shape that broadcasts against it, computed without looking at the sample it is subtracted
+from, so that ``E[(f - b) grad log q] = E[f grad log q]`` (the estimator stays unbiased).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from estimators._options import choice, unit_interval
+
+BASELINES = ("none", "moving_average", "batch_mean")
+
+
+class NoBaseline(nn.Module):
+    """``b = 0``."""
+
+    def forward(self, f_values: Tensor) -> Tensor:
+        return torch.zeros((), dtype=f_values.dtype, device=f_values.device)
+
+
+class MovingAverageBaseline(nn.Module):
+    r"""Exponential moving average of past mean learning signals (bias-corrected).
+
+    .. math:: m_t = \beta m_{t-1} + (1-\beta)\,\bar f_t,\qquad b_t = m_{t-1} / (1-\beta^{t-1})
+
+    with ``b_1 = 0``. ``b_t`` uses calls before ``t`` only, so it is independent of the current
+    samples. The average is updated only in training mode and lives in buffers.
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("average", torch.zeros(()))
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, f_values: Tensor) -> Tensor:
+        correction = 1.0 - self.decay**self.count
+        # count == 0 gives 0 / 0; the baseline is 0 before the first update.
+        b = torch.where(self.count > 0, self.average / correction.clamp_min(1e-30), 0.0)
+        if self.training:
+            with torch.no_grad():
+                self.average.mul_(self.decay).add_(f_values.detach().mean(), alpha=1 - self.decay)
+                self.count.add_(1)
+        return b.to(f_values.dtype)
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay}"
+
+
+class BatchMeanBaseline(nn.Module):
+    r"""Mean learning signal of the *other* examples of the batch (leave-one-out over examples).
+
+    For example ``i`` (index along the first batch dimension) and every sample,
+    :math:`b_i = \frac{1}{(N-1)S}\sum_{j\ne i}\sum_s f_{s,j}`. Examples are independent, so
+    the estimator stays unbiased. Needs at least two examples.
+    """
+
+    def forward(self, f_values: Tensor) -> Tensor:
+        if f_values.dim() < 2 or f_values.shape[1] < 2:
+            raise ValueError(
+                "reinforce: option baseline='batch_mean' needs a batch of at least 2 examples "
+                f"along the first batch dimension; got values of shape {tuple(f_values.shape)}"
+            )
+        n = f_values.shape[1]
+        per_example = f_values.detach().sum(0, keepdim=True)  # [1, N, ...]
+        total = per_example.sum(1, keepdim=True)  # [1, 1, ...]
+        return (total - per_example) / ((n - 1) * f_values.shape[0])
+
+
+def make_baseline(estimator: str, baseline: str, decay: float) -> nn.Module:
+    """Build the baseline named ``baseline`` (one of :data:`BASELINES`)."""
+    choice(estimator, "baseline", baseline, BASELINES)
+    unit_interval(estimator, "decay", decay)
+    if baseline == "moving_average":
+        return MovingAverageBaseline(decay)
+    if baseline == "batch_mean":
+        return BatchMeanBaseline()
+    return NoBaseline()
