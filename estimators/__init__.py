@@ -8,12 +8,8 @@
 >>> (-out.surrogate.sum()).backward()          # gradient estimate of -sum E_q[f]
 """
 
-from estimators import exact
-from estimators import relaxed as _relaxed
-
 # Importing the estimator modules registers them.
-from estimators import reparam as _reparam
-from estimators import score_function as _score_function
+from estimators import exact, relaxed, reparam, score_function
 from estimators.base import (
     FAMILIES,
     Estimate,
@@ -35,5 +31,8 @@ __all__ = [
     "get",
     "options",
     "register",
+    "relaxed",
+    "reparam",
+    "score_function",
     "supporting",
 ]
