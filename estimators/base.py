@@ -54,6 +54,7 @@ class Estimator(Protocol):
 
     name: str
     families: frozenset[str]
+    unbiased: bool
 
     def __call__(
         self,
@@ -121,6 +122,8 @@ class EstimatorBase(nn.Module):
     name: ClassVar[str] = ""
     families: ClassVar[frozenset[str]] = frozenset()
     min_samples: ClassVar[int] = 1
+    #: Whether the gradient estimate is unbiased for ``grad E_q[f]`` (tests hold it to that).
+    unbiased: ClassVar[bool] = True
 
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()

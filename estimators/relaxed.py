@@ -83,6 +83,7 @@ class GumbelSoftmax(EstimatorBase):
 
     name = "gumbel_softmax"
     families = frozenset({"bernoulli", "categorical"})
+    unbiased = False
 
     def __init__(
         self, temperature: float = 1.0, straight_through: bool = False, num_samples: int = 1
