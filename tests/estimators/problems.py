@@ -95,8 +95,10 @@ def discrete_problem(
 
     dist1, f1, leaves1 = build(1, 1)
     _, grads = estimators.exact.gradient(dist1, f1, list(leaves1.values()))
-    exact = {k: gr.reshape(leaves1[k].shape[2:] if k == "logits" else leaves1[k].shape[1:])
-             for k, gr in zip(leaves1, grads, strict=True)}
+    exact = {
+        k: gr.reshape(leaves1[k].shape[2:] if k == "logits" else leaves1[k].shape[1:])
+        for k, gr in zip(leaves1, grads, strict=True)
+    }
     dist, f, leaves = build(n_examples, replicates)
     return Problem(family, dist, f, leaves, exact, n_examples, replicates)
 

@@ -210,6 +210,6 @@ def test_moving_average_updates_only_in_training_mode() -> None:
 
 def test_distribution_types_outside_the_families_are_rejected() -> None:
     """family_of names the accepted distribution types for anything else."""
-    with pytest.raises(ValueError, match="Normal.*Bernoulli.*OneHotCategorical"):
+    with pytest.raises(ValueError, match=r"Normal.*Bernoulli.*OneHotCategorical"):
         estimators.family_of(torch.distributions.Exponential(torch.ones(2)))
     assert estimators.family_of(Independent(Independent(Normal(torch.zeros(2, 2), 1.0), 1), 1))

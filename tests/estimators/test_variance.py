@@ -82,7 +82,13 @@ def _rloo_gauss(param: str, s: int):
     def g(*eps):
         f = [_z(e) ** 2 for e in eps]
         total = sum(f)
-        return sum((fk - (total - fk) / (s - 1)) * _score(param, e) for fk, e in zip(f, eps)) / s
+        return (
+            sum(
+                (fk - (total - fk) / (s - 1)) * _score(param, e)
+                for fk, e in zip(f, eps, strict=False)
+            )
+            / s
+        )
 
     return g
 
@@ -201,10 +207,7 @@ def test_bernoulli_variance_matches_closed_form(case: str) -> None:
     out = est(Bernoulli(logits=theta), _f)
     out.surrogate.sum().backward()
     samples = theta.grad[0]
-    if draws is None:
-        exact = logistic_moments(g)
-    else:
-        exact = bernoulli_moments(g, draws, P)
+    exact = logistic_moments(g) if draws is None else bernoulli_moments(g, draws, P)
     _check(samples, exact)
 
 
