@@ -124,6 +124,9 @@ class EstimatorBase(nn.Module):
     min_samples: ClassVar[int] = 1
     #: Whether the gradient estimate is unbiased for ``grad E_q[f]`` (tests hold it to that).
     unbiased: ClassVar[bool] = True
+    #: What ``Estimate.objective`` estimates: ``mean`` (``E_q[f]``) or ``iwae`` (the
+    #: multi-sample bound ``E log mean_s exp f(z_s)``, for ``f`` returning log weights).
+    objective_kind: ClassVar[str] = "mean"
 
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()

@@ -1,0 +1,225 @@
+"""``gradbench-data``: download the file-based data sets and list what is present.
+
+    gradbench-data download mnist [--root DIR] [--force]
+    gradbench-data list [--root DIR]
+
+Files go to ``<root>/<name>/`` (``root`` defaults to ``$GRADBENCH_DATA`` or
+``~/.cache/gradbench``), which is where ``benchmarks.data.load_dataset`` reads them. Downloads
+use urllib only, are written atomically (a temporary file in the destination directory, then
+``os.replace``) and are checked against the published MD5 where one is known (the table below,
+as listed by torchvision). For a file without a published checksum (Omniglot's
+``chardata.mat``) the SHA-256 is printed and recorded in ``<file>.sha256`` instead.
+``mnist_subset``, ``digits`` and ``synthetic`` ship with installed packages or are generated:
+they need no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.data import (
+    BUILTIN,
+    DATASETS,
+    IDX_FILES,
+    OMNIGLOT_MAT,
+    OMNIGLOT_NPZ,
+    default_root,
+)
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+OMNIGLOT_URL = "https://raw.githubusercontent.com/yburda/iwae/master/datasets/OMNIGLOT/"
+CHUNK_BYTES = 1 << 20
+TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to fetch: its name under ``<root>/<data set>/``, URL and known checksums."""
+
+    filename: str
+    url: str
+    md5: str | None = None
+    sha256: str | None = None
+
+
+REMOTE_FILES: dict[str, tuple[RemoteFile, ...]] = {
+    "mnist": (
+        RemoteFile(
+            "train-images-idx3-ubyte.gz",
+            MNIST_URL + "train-images-idx3-ubyte.gz",
+            md5="f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        ),
+        RemoteFile(
+            "t10k-images-idx3-ubyte.gz",
+            MNIST_URL + "t10k-images-idx3-ubyte.gz",
+            md5="9fb629c4189551a2d022fa330f9573f3",
+        ),
+    ),
+    "fashion_mnist": (
+        RemoteFile(
+            "train-images-idx3-ubyte.gz",
+            FASHION_MNIST_URL + "train-images-idx3-ubyte.gz",
+            md5="8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        ),
+        RemoteFile(
+            "t10k-images-idx3-ubyte.gz",
+            FASHION_MNIST_URL + "t10k-images-idx3-ubyte.gz",
+            md5="bef4ecab320f06d8554ea6380940ec79",
+        ),
+    ),
+    # No published checksum: the SHA-256 is recorded next to the file instead of verified.
+    "omniglot": (RemoteFile(OMNIGLOT_MAT, OMNIGLOT_URL + OMNIGLOT_MAT),),
+}
+
+# The URL opener; tests replace it to serve bytes without a network.
+_urlopen: Callable[..., object] = urllib.request.urlopen
+
+
+class ChecksumError(RuntimeError):
+    """A downloaded file's checksum differs from the published one (nothing was written)."""
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """Return the hex ``(md5, sha256)`` digests of the file at ``path``."""
+    md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            md5.update(chunk)
+            sha256.update(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def fetch(
+    url: str, dest: Path, md5: str | None = None, sha256: str | None = None
+) -> tuple[str, str]:
+    """Download ``url`` to ``dest`` atomically, verifying the checksums that are given.
+
+    The bytes go to a temporary file in ``dest``'s directory, which replaces ``dest`` only once
+    complete and verified; on any failure the temporary file is removed and ``dest`` is left as
+    it was. Returns the hex ``(md5, sha256)`` of the downloaded bytes.
+
+    Raises:
+        ChecksumError: the MD5 or SHA-256 differs from the expected one.
+        urllib.error.URLError, OSError: the download or the write failed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        h_md5, h_sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, _urlopen(url, timeout=TIMEOUT_S) as response:
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+                h_md5.update(chunk)
+                h_sha256.update(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        got_md5, got_sha256 = h_md5.hexdigest(), h_sha256.hexdigest()
+        for kind, expected, got in (("MD5", md5, got_md5), ("SHA-256", sha256, got_sha256)):
+            if expected is not None and got != expected.lower():
+                raise ChecksumError(
+                    f"{url}: {kind} {got} differs from the expected {expected}; "
+                    f"{dest} was not written"
+                )
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return got_md5, got_sha256
+
+
+def download(name: str, root: str | Path | None = None, force: bool = False) -> list[Path]:
+    """Fetch the files of data set ``name`` into ``<root>/<name>/``; return their paths.
+
+    Files already present with the right checksum (or with no known checksum) are kept unless
+    ``force``. Built-in data sets need no download: a message says so and nothing is fetched.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"data={name!r} is not a known data set; allowed: {', '.join(DATASETS)}")
+    if name in BUILTIN:
+        print(f"{name}: built in (installed package or generated); no download needed")
+        return []
+    root = default_root() if root is None else Path(root).expanduser()
+    paths = []
+    for remote in REMOTE_FILES[name]:
+        dest = root / name / remote.filename
+        paths.append(dest)
+        if dest.is_file() and not force:
+            if remote.md5 is None and remote.sha256 is None:
+                print(f"{name}: {dest} already present (SHA-256 {file_digests(dest)[1]})")
+                continue
+            got_md5, got_sha256 = file_digests(dest)
+            if got_md5 == remote.md5 or got_sha256 == remote.sha256:
+                print(f"{name}: {dest} already present, checksum OK")
+                continue
+            print(f"{name}: {dest} has a wrong checksum; downloading it again")
+        print(f"{name}: downloading {remote.url} -> {dest}")
+        _, got_sha256 = fetch(remote.url, dest, md5=remote.md5, sha256=remote.sha256)
+        if remote.md5 is None and remote.sha256 is None:
+            dest.with_name(dest.name + ".sha256").write_text(f"{got_sha256}  {dest.name}\n")
+            print(f"{name}: no published checksum; SHA-256 {got_sha256} (recorded, not verified)")
+        else:
+            print(f"{name}: checksum OK")
+    return paths
+
+
+def dataset_location(name: str, root: str | Path | None = None) -> tuple[str, Path]:
+    """Return ``(status, path)`` of data set ``name``: status is built-in, present or missing.
+
+    ``path`` is the directory ``<root>/<name>`` for file-based sets (for built-in sets, the
+    directory they would use; nothing is read from it).
+    """
+    root = default_root() if root is None else Path(root).expanduser()
+    folder = root / name
+    if name in BUILTIN:
+        return "built-in", folder
+    if name == "omniglot":
+        present = (folder / OMNIGLOT_MAT).is_file() or (folder / OMNIGLOT_NPZ).is_file()
+    else:
+        present = all(
+            (folder / f).is_file() or (folder / f.removesuffix(".gz")).is_file()
+            for f in IDX_FILES[name].values()
+        )
+    return ("present" if present else "missing"), folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gradbench-data`` with arguments ``argv`` (default: the command line)."""
+    parser = argparse.ArgumentParser(
+        prog="gradbench-data", description="Download and list gradbench data sets."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    root_help = f"data root (default: $GRADBENCH_DATA or ~/.cache/gradbench; now {default_root()})"
+    get = sub.add_parser("download", help="download one data set")
+    get.add_argument("name", choices=DATASETS)
+    get.add_argument("--root", type=Path, default=None, help=root_help)
+    get.add_argument("--force", action="store_true", help="download even if already present")
+    show = sub.add_parser("list", help="list data sets and whether they are present")
+    show.add_argument("--root", type=Path, default=None, help=root_help)
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for name in DATASETS:
+            status, folder = dataset_location(name, args.root)
+            where = "" if status == "built-in" else f"  {folder}"
+            print(f"{name:<14} {status:<8}{where}")
+        return 0
+    try:
+        download(args.name, args.root, force=args.force)
+    except (ChecksumError, OSError) as err:  # URLError is an OSError
+        print(f"gradbench-data: error: could not download {args.name}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Gradient variance probe: many gradient estimates of every estimator at the same parameters.
+
+At fixed model parameters and a fixed batch ``x``, draws ``M`` independent estimates of the
+gradient of the batch-mean objective ``(1/B) sum_b E_q[f_b]`` with respect to the *encoder*
+parameters, for each estimator of a basket, and reports per parameter tensor and overall
+(``param = "all"``):
+
+- ``grad_var``: mean over coordinates of the per-coordinate variance; ``grad_var_total``: its
+  sum (trace of the covariance); ``grad_var_per_feval``: ``grad_var x f_evals`` (variance at
+  an equal budget of f-evaluations);
+- ``grad_snr``: mean over coordinates of ``|mean| / std`` (Rainforth et al. 2018);
+- ``grad_bias2``: mean over coordinates of the squared bias against a reference gradient,
+  debiased for the noise of both means (``(mu - r)^2 - var/M - se_r^2``; can be slightly
+  negative for unbiased estimators); ``grad_mse = grad_var + grad_bias2``; ``grad_cos``: cosine
+  between the mean estimate and the reference.
+
+Every metric has a standard error (``<metric>_se`` rows) from a delete-one-group jackknife over
+``K`` groups of the ``M`` estimates (paired with the reference's groups when the reference is
+itself a Monte Carlo estimate, so its noise is carried into the bias and cosine).
+
+The reference is the exact gradient by enumeration (:mod:`estimators.exact`) when the latent
+space is small enough, else the mean of many estimates of a high-sample unbiased estimator.
+
+Batched computation: the encoder runs once; its output is replicated ``M`` times along a second
+batch dimension (examples stay on the first, as estimators expect), one backward pass gives
+every replicate's gradient with respect to that output, and one batched vector-Jacobian product
+(``autograd.grad(..., is_grads_batched=True)``) turns them into per-replicate encoder
+gradients, whose first and second moments are accumulated per group without keeping the
+``M x P`` matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import estimators
+from estimators.exact import MAX_CONFIGS, num_configurations
+
+METRICS = (
+    "grad_var",
+    "grad_var_total",
+    "grad_var_per_feval",
+    "grad_snr",
+    "grad_bias2",
+    "grad_mse",
+    "grad_cos",
+)
+
+#: The gradient that is probed: of the batch-mean objective (1/B) sum_b E_q[f_b].
+NORMALIZATION = "batch_mean"
+
+
+@dataclass
+class GroupedMoments:
+    """Per-group sums of ``M`` gradient estimates of the encoder parameters.
+
+    ``sums[k]`` and ``sumsqs[k]`` are ``[P]`` sums of estimates and of their squares over the
+    estimates of group ``k``; ``counts[k]`` is the group's size. Coordinates are the encoder
+    parameters flattened in ``names`` order, with ``sizes`` elements each.
+    """
+
+    names: list[str]
+    sizes: list[int]
+    sums: Tensor  # [K, P]
+    sumsqs: Tensor  # [K, P]
+    counts: Tensor  # [K]
+    f_evals: int
+
+    def leave_one_out(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Means, unbiased variances and counts for the full set (row 0) and each deletion
+        of one group (rows 1..K): ``[K+1, P]``, ``[K+1, P]``, ``[K+1, 1]``."""
+        total_s, total_q, total_n = self.sums.sum(0), self.sumsqs.sum(0), self.counts.sum()
+        s = torch.cat([total_s[None], total_s - self.sums])
+        q = torch.cat([total_q[None], total_q - self.sumsqs])
+        n = torch.cat([total_n[None], total_n - self.counts])[:, None]
+        mean = s / n
+        var = (q - n * mean**2).clamp_min(0) / (n - 1)
+        return mean, var, n
+
+
+def _encoder_params(model: nn.Module) -> list[tuple[str, Tensor]]:
+    return [(f"encoder.{n}", p) for n, p in model.encoder.named_parameters()]
+
+
+def gradient_moments(
+    model: nn.Module,
+    x: Tensor,
+    estimator: nn.Module,
+    num_estimates: int,
+    *,
+    kl: str = "analytic",
+    num_samples: int | None = None,
+    groups: int = 20,
+    chunk: int = 100,
+) -> GroupedMoments:
+    """``M = num_estimates`` independent gradient estimates of the batch-mean objective with
+    respect to ``model.encoder``'s parameters, as grouped first and second moments.
+
+    ``model`` provides ``encoder`` (``[B, D] -> head``), ``distribution(head)`` and
+    ``learning_signal(x, q, kl)`` (see :class:`benchmarks.vae.VAE`). The estimator is used in
+    eval mode on a copy, so its state (moving averages) is neither updated nor disturbed.
+    Estimates are computed ``chunk`` at a time.
+    """
+    if num_estimates < 2 * groups:
+        raise ValueError(
+            f"probe.num_estimates={num_estimates} is too small; allowed: >= {2 * groups} "
+            f"(two estimates per jackknife group, probe.groups={groups})"
+        )
+    est = copy.deepcopy(estimator).eval()
+    named = _encoder_params(model)
+    params = [p for _, p in named]
+    b = x.shape[0]
+    head = model.encoder(x)  # [B, H], graph kept for the batched VJPs
+    sums = torch.zeros(groups, sum(p.numel() for p in params), dtype=torch.float64)
+    sumsqs = torch.zeros_like(sums)
+    counts = torch.zeros(groups, dtype=torch.float64)
+    f_evals = 0
+    done = 0
+    while done < num_estimates:
+        m = min(chunk, num_estimates - done)
+        head_rep = head.detach()[:, None].expand(b, m, head.shape[-1]).clone().requires_grad_()
+        q = model.distribution(head_rep)  # batch [B, m]
+        f = model.learning_signal(x[:, None], q, kl)
+        context = x[:, None].expand(b, m, *x.shape[1:])
+        out = est(q, f, num_samples=num_samples, context=context)
+        (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)  # [B, m, H]
+        grads = torch.autograd.grad(
+            head,
+            params,
+            grad_outputs=delta.movedim(1, 0),
+            is_grads_batched=True,
+            retain_graph=True,
+        )  # each [m, *shape]
+        flat = torch.cat([g.reshape(m, -1) for g in grads], 1).double()  # [m, P]
+        ids = (torch.arange(done, done + m) % groups).to(flat.device)
+        sums.index_add_(0, ids.cpu(), flat.cpu())
+        sumsqs.index_add_(0, ids.cpu(), (flat**2).cpu())
+        counts.index_add_(0, ids.cpu(), torch.ones(m, dtype=torch.float64))
+        f_evals = out.f_evals
+        done += m
+    return GroupedMoments(
+        [n for n, _ in named], [p.numel() for p in params], sums, sumsqs, counts, f_evals
+    )
+
+
+def gradient_moments_loop(
+    model: nn.Module,
+    x: Tensor,
+    estimator: nn.Module,
+    num_estimates: int,
+    *,
+    kl: str = "analytic",
+    num_samples: int | None = None,
+    groups: int = 20,
+) -> GroupedMoments:
+    """The naive reference for :func:`gradient_moments`: one full forward and backward pass
+    per estimate (used to test and benchmark the batched computation)."""
+    est = copy.deepcopy(estimator).eval()
+    named = _encoder_params(model)
+    params = [p for _, p in named]
+    p_total = sum(p.numel() for p in params)
+    sums = torch.zeros(groups, p_total, dtype=torch.float64)
+    sumsqs = torch.zeros_like(sums)
+    counts = torch.zeros(groups, dtype=torch.float64)
+    f_evals = 0
+    for i in range(num_estimates):
+        q = model.distribution(model.encoder(x))
+        out = est(q, model.learning_signal(x, q, kl), num_samples=num_samples, context=x)
+        grads = torch.autograd.grad(out.surrogate.sum() / x.shape[0], params)
+        flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu()
+        sums[i % groups] += flat
+        sumsqs[i % groups] += flat**2
+        counts[i % groups] += 1
+        f_evals = out.f_evals
+    return GroupedMoments(
+        [n for n, _ in named], [p.numel() for p in params], sums, sumsqs, counts, f_evals
+    )
+
+
+@dataclass
+class Reference:
+    """Reference gradient ``[P]`` with per-coordinate standard errors (0 when exact) and, for a
+    Monte Carlo reference, its grouped moments (for the paired jackknife)."""
+
+    mean: Tensor
+    se: Tensor
+    kind: str
+    moments: GroupedMoments | None = None
+
+
+def exact_reference(model: nn.Module, x: Tensor, kl: str = "analytic") -> Reference:
+    """The exact gradient of the batch-mean objective by enumerating the latent space."""
+    params = [p for _, p in _encoder_params(model)]
+    q = model.distribution(model.encoder(x))
+    value = estimators.exact.expectation(q, model.learning_signal(x, q, kl)).sum() / x.shape[0]
+    grads = torch.autograd.grad(value, params)
+    flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu()
+    return Reference(flat, torch.zeros_like(flat), "exact")
+
+
+def reference_gradient(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    kl: str = "analytic",
+    method: str = "auto",
+    num_samples: int = 100,
+    num_estimates: int = 200,
+    groups: int = 20,
+    chunk: int = 50,
+    max_configs: int = MAX_CONFIGS,
+) -> Reference:
+    """Reference gradient: ``exact`` (enumeration), a registry name (the mean of
+    ``num_estimates`` estimates with ``num_samples`` samples each), or ``auto`` (exact when
+    the latent space has at most ``max_configs`` configurations per example, else ``rloo``
+    for discrete and ``reparam`` for Gaussian latents)."""
+    family = getattr(model, "family", None)
+    if method == "auto":
+        enumerable = (
+            family in ("bernoulli", "categorical")
+            and num_configurations(model.distribution(model.encoder(x[:1]))) <= max_configs
+        )
+        method = "exact" if enumerable else ("reparam" if family == "gaussian" else "rloo")
+    if method == "exact":
+        return exact_reference(model, x, kl)
+    est = estimators.get(method, num_samples=num_samples)
+    moments = gradient_moments(model, x, est, num_estimates, kl=kl, groups=groups, chunk=chunk)
+    mean, var, n = moments.leave_one_out()
+    return Reference(mean[0], (var[0] / n[0]).sqrt(), f"{method}(S={num_samples})", moments)
+
+
+def _metric_table(
+    mean: Tensor, var: Tensor, n: Tensor, ref: Tensor, ref_var_of_mean: Tensor, f_evals: int
+) -> dict[str, Tensor]:
+    """Metrics for each row (full set, deletions) of ``[R, P]`` moments; each value ``[R]``."""
+    std = var.sqrt()
+    positive = std > 0
+    snr = torch.where(positive, mean.abs() / std.clamp_min(1e-300), torch.nan).nanmean(1)
+    bias2 = ((mean - ref) ** 2 - var / n - ref_var_of_mean).mean(1)
+    cos = (mean * ref).sum(1) / (mean.norm(dim=1) * ref.norm(dim=1)).clamp_min(1e-300)
+    grad_var = var.mean(1)
+    return {
+        "grad_var": grad_var,
+        "grad_var_total": var.sum(1),
+        "grad_var_per_feval": grad_var * f_evals,
+        "grad_snr": snr,
+        "grad_bias2": bias2,
+        "grad_mse": grad_var + bias2,
+        "grad_cos": cos,
+    }
+
+
+def summarize(
+    moments: GroupedMoments, reference: Reference | None
+) -> list[dict[str, float | str]]:
+    """Rows ``{param, metric, value}`` for each parameter tensor and ``all``; each metric with
+    a ``<metric>_se`` jackknife row. Bias, MSE and cosine need a ``reference``."""
+    mean, var, n = moments.leave_one_out()  # [K+1, P]
+    k = moments.counts.numel()
+    if reference is None:
+        ref = torch.zeros_like(mean)
+        ref_var = torch.zeros_like(mean)
+    elif reference.moments is not None:  # paired jackknife: delete the same group in both
+        r_mean, r_var, r_n = reference.moments.leave_one_out()
+        ref, ref_var = r_mean, r_var / r_n
+    else:
+        ref = reference.mean.expand_as(mean)
+        ref_var = torch.zeros_like(mean)
+    slices = {"all": slice(0, mean.shape[1])}
+    start = 0
+    for name, size in zip(moments.names, moments.sizes, strict=True):
+        slices[name] = slice(start, start + size)
+        start += size
+    rows: list[dict[str, float | str]] = []
+    for param, sl in slices.items():
+        table = _metric_table(
+            mean[:, sl], var[:, sl], n, ref[:, sl], ref_var[:, sl], moments.f_evals
+        )
+        for metric, values in table.items():
+            if reference is None and metric in ("grad_bias2", "grad_mse", "grad_cos"):
+                continue
+            full, deletions = float(values[0]), values[1:]
+            se = math.sqrt((k - 1) / k * float(((deletions - deletions.mean()) ** 2).sum()))
+            rows.append({"param": param, "metric": metric, "value": full})
+            rows.append({"param": param, "metric": f"{metric}_se", "value": se})
+    return rows
+
+
+def probe_basket(
+    model: nn.Module,
+    x: Tensor,
+    basket: Sequence[tuple[str, nn.Module]],
+    *,
+    num_estimates: int = 100,
+    kl: str = "analytic",
+    reference: Reference | None = None,
+    groups: int = 20,
+    chunk: int = 100,
+) -> list[dict[str, float | str]]:
+    """Probe every ``(label, estimator)`` of ``basket`` at the same parameters and batch.
+
+    Returns rows ``{probe_estimator, param, metric, value, f_evals}``; the reference's kind is
+    in ``reference`` rows' ``probe_estimator`` as ``reference:<kind>`` (its per-coordinate SE,
+    averaged, as metric ``ref_se``).
+    """
+    rows: list[dict[str, float | str]] = []
+    for label, est in basket:
+        moments = gradient_moments(model, x, est, num_estimates, kl=kl, groups=groups, chunk=chunk)
+        use_ref = reference if getattr(est, "objective_kind", "mean") == "mean" else None
+        for row in summarize(moments, use_ref):
+            rows.append({"probe_estimator": label, "f_evals": moments.f_evals, **row})
+    if reference is not None:
+        rows.append(
+            {
+                "probe_estimator": f"reference:{reference.kind}",
+                "f_evals": 0,
+                "param": "all",
+                "metric": "ref_se",
+                "value": float(reference.se.mean()),
+            }
+        )
+    return rows

@@ -1,0 +1,216 @@
+"""The gradient variance probe: closed-form variances, bias against exact gradients, metric
+definitions, and agreement of the batched computation with the naive loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, Independent, Normal
+
+import estimators
+from benchmarks.probe import (
+    GroupedMoments,
+    Reference,
+    exact_reference,
+    gradient_moments,
+    gradient_moments_loop,
+    probe_basket,
+    reference_gradient,
+    summarize,
+)
+from benchmarks.vae import VAE
+from tests.estimators.problems import z_critical
+
+Z = z_critical(1e-3, 12)  # Bonferroni over the statistical comparisons of this module
+
+
+class ToyModel(nn.Module):
+    """A one-parameter 'encoder' w (x = 1): q = Normal(w, sigma) or Bernoulli(logits=w), and
+    f(z) = z^2 (Gaussian) or (b - t)^2 (Bernoulli), so estimates have closed-form moments."""
+
+    def __init__(self, family: str, w: float, sigma: float = 1.3, t: float = 0.35) -> None:
+        super().__init__()
+        self.family, self.sigma, self.t = family, sigma, t
+        self.encoder = nn.Linear(1, 1, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.encoder.weight.fill_(w)
+
+    def distribution(self, out):
+        base = (
+            Normal(out, self.sigma)
+            if self.family == "gaussian"
+            else Bernoulli(logits=out, validate_args=False)
+        )
+        return Independent(base, 1)
+
+    def learning_signal(self, x, q, kl):
+        if self.family == "gaussian":
+            return lambda z: (z**2).sum(-1)
+        return lambda z: ((z - self.t) ** 2).sum(-1)
+
+
+def _value(rows, metric, param="all"):
+    return next(r["value"] for r in rows if r["metric"] == metric and r["param"] == param)
+
+
+@pytest.mark.parametrize(
+    ("family", "name", "closed_form"),
+    [
+        # mu = 0.7, sigma = 1.3: Var = 4 sigma^2 (reparam); mu^4/s^2 + 14 mu^2 + 15 s^2
+        ("gaussian", "reparam", 4 * 1.3**2),
+        ("gaussian", "reinforce", 0.7**4 / 1.3**2 + 14 * 0.7**2 + 15 * 1.3**2),
+        # p = sigmoid(0.4): g = f(b)(b - p) takes (1-t)^2 (1-p) w.p. p and -t^2 p w.p. 1-p
+        ("bernoulli", "reinforce", None),
+    ],
+)
+def test_probe_variance_equals_closed_form(family, name, closed_form) -> None:
+    """grad_var of M = 20000 probe estimates equals the closed-form variance within z * SE
+    (jackknife SE), and the jackknife SE agrees with the closed-form SE within 30%."""
+    torch.manual_seed(0)
+    w = 0.7 if family == "gaussian" else 0.4
+    model = ToyModel(family, w)
+    if closed_form is None:
+        p, t = 1 / (1 + math.exp(-w)), model.t
+        g1, g0 = (1 - t) ** 2 * (1 - p), -(t**2) * p
+        mean = p * g1 + (1 - p) * g0
+        closed_form = p * g1**2 + (1 - p) * g0**2 - mean**2
+    x = torch.ones(1, 1, dtype=torch.float64)
+    moments = gradient_moments(model, x, estimators.get(name), 20_000, chunk=5000)
+    rows = summarize(moments, None)
+    var, se = _value(rows, "grad_var"), _value(rows, "grad_var_se")
+    assert abs(var - closed_form) <= Z * se, (var, closed_form, se)
+    assert _value(rows, "grad_var_total") == pytest.approx(var)
+
+
+def _tiny_vae(family="bernoulli", latent=3, seed=0):
+    torch.manual_seed(seed)
+    model = VAE(data_dim=6, family=family, arch="linear", latent_dim=latent, n_categories=3)
+    model.double()
+    x = (torch.rand(4, 6, dtype=torch.float64) < 0.5).double()
+    return model, x
+
+
+@pytest.mark.parametrize("name", ["reinforce", "rloo"])
+def test_bias_of_unbiased_estimators_is_statistically_zero(name) -> None:
+    """Against the exact (enumerated) reference, an unbiased estimator's debiased squared bias
+    is within z * SE of 0."""
+    model, x = _tiny_vae()
+    ref = exact_reference(model, x)
+    torch.manual_seed(1)
+    moments = gradient_moments(model, x, estimators.get(name), 4000, chunk=1000)
+    rows = summarize(moments, ref)
+    assert abs(_value(rows, "grad_bias2")) <= Z * _value(rows, "grad_bias2_se")
+
+
+def test_bias_of_gumbel_softmax_is_detected() -> None:
+    """Negative control: relaxed Gumbel-softmax at temperature 1 shows a squared bias more
+    than z * SE above 0 on the same problem."""
+    model, x = _tiny_vae()
+    ref = exact_reference(model, x)
+    torch.manual_seed(1)
+    est = estimators.get("gumbel_softmax", temperature=1.0)
+    rows = summarize(gradient_moments(model, x, est, 4000, chunk=1000), ref)
+    assert _value(rows, "grad_bias2") > Z * _value(rows, "grad_bias2_se")
+
+
+def test_snr_cosine_variance_definitions_on_constructed_gradients() -> None:
+    """summarize() computes var, total var, SNR = mean |mean|/std, cosine and MSE = var + bias2
+    exactly as defined, on a hand-made matrix of estimates (2 tensors, 3 coordinates)."""
+    g = torch.tensor(
+        [[1.0, 2.0, 0.0], [3.0, 2.5, 1.0], [2.0, 1.0, -1.0], [0.0, 4.0, 2.0]] * 10,
+        dtype=torch.float64,
+    )
+    groups = 4
+    ids = torch.arange(g.shape[0]) % groups
+    sums = torch.zeros(groups, 3, dtype=torch.float64).index_add_(0, ids, g)
+    sumsqs = torch.zeros(groups, 3, dtype=torch.float64).index_add_(0, ids, g**2)
+    counts = torch.full((groups,), 10.0, dtype=torch.float64)
+    moments = GroupedMoments(["a", "b"], [2, 1], sums, sumsqs, counts, f_evals=3)
+    ref_vec = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+
+    ref = Reference(ref_vec, torch.zeros(3, dtype=torch.float64), "exact")
+    rows = summarize(moments, ref)
+    mean, var = g.mean(0), g.var(0)
+    n = g.shape[0]
+    assert _value(rows, "grad_var") == pytest.approx(float(var.mean()))
+    assert _value(rows, "grad_var_total") == pytest.approx(float(var.sum()))
+    assert _value(rows, "grad_var_per_feval") == pytest.approx(3 * float(var.mean()))
+    assert _value(rows, "grad_snr") == pytest.approx(float((mean.abs() / var.sqrt()).mean()))
+    cos = float(mean @ ref_vec / (mean.norm() * ref_vec.norm()))
+    assert _value(rows, "grad_cos") == pytest.approx(cos)
+    bias2 = float(((mean - ref_vec) ** 2 - var / n).mean())
+    assert _value(rows, "grad_bias2") == pytest.approx(bias2)
+    assert _value(rows, "grad_mse") == pytest.approx(bias2 + float(var.mean()))
+    assert _value(rows, "grad_var", "a") == pytest.approx(float(var[:2].mean()))
+    assert _value(rows, "grad_var", "b") == pytest.approx(float(var[2]))
+
+
+@pytest.mark.parametrize(
+    ("family", "name"), [("bernoulli", "reinforce"), ("categorical", "gumbel_softmax")]
+)
+def test_batched_probe_agrees_with_naive_loop(family, name) -> None:
+    """The batched estimates have the same mean (per coordinate, within z * SE) and the same
+    grad_var (within z * jackknife SE) as one full forward/backward pass per estimate."""
+    model, x = _tiny_vae(family, latent=2)
+    est = estimators.get(name)
+    torch.manual_seed(2)
+    batched = gradient_moments(model, x, est, 3000, chunk=1000)
+    torch.manual_seed(3)
+    loop = gradient_moments_loop(model, x, est, 3000)
+    (mb, vb, nb), (ml, vl, nl) = batched.leave_one_out(), loop.leave_one_out()
+    z = z_critical(1e-3, mb.shape[1])
+    se = (vb[0] / nb[0] + vl[0] / nl[0]).sqrt().clamp_min(1e-12)
+    assert ((mb[0] - ml[0]).abs() / se).max() <= z
+    rb, rl = summarize(batched, None), summarize(loop, None)
+    se_var = math.hypot(_value(rb, "grad_var_se"), _value(rl, "grad_var_se"))
+    assert abs(_value(rb, "grad_var") - _value(rl, "grad_var")) <= Z * se_var
+
+
+def test_batched_probe_is_exact_when_estimates_are_deterministic() -> None:
+    """With (numerically) deterministic latents every estimate equals the one gradient of the
+    naive pass: the batched VJP reproduces it to float precision and has zero variance."""
+    model, x = _tiny_vae()
+    with torch.no_grad():
+        model.encoder[0].bias.fill_(40.0)  # p(b = 1) = 1 - 4e-18: the sample is always 1
+    est = estimators.get("reinforce")
+    batched = gradient_moments(model, x, est, 40, chunk=7)
+    loop = gradient_moments_loop(model, x, est, 40)
+    mb, vb, _ = batched.leave_one_out()
+    ml, _, _ = loop.leave_one_out()
+    assert torch.allclose(mb[0], ml[0], atol=1e-10)
+    assert float(vb[0].max()) < 1e-20
+
+
+def test_probe_basket_labels_rows_and_skips_bias_for_other_objectives() -> None:
+    """probe_basket returns labelled rows for each estimator and parameter tensor, a reference
+    row, and no bias rows for estimators of another objective (VIMCO's IWAE bound)."""
+    model, x = _tiny_vae()
+    ref = reference_gradient(model, x)
+    assert ref.kind == "exact"
+    basket = [("reinforce", estimators.get("reinforce")), ("rloo (S=2)", estimators.get("rloo"))]
+    if "vimco" in estimators.available():
+        basket.append(("vimco", estimators.get("vimco")))
+    rows = probe_basket(model, x, basket, num_estimates=40, reference=ref, chunk=20)
+    labels = {r["probe_estimator"] for r in rows}
+    assert {"reinforce", "rloo (S=2)", "reference:exact"} <= labels
+    params = {r["param"] for r in rows if r["probe_estimator"] == "reinforce"}
+    assert params == {"all", "encoder.0.weight", "encoder.0.bias"}
+    assert all(math.isfinite(r["value"]) for r in rows)
+    if "vimco" in estimators.available():
+        assert not any(r["probe_estimator"] == "vimco" and "bias" in r["metric"] for r in rows)
+
+
+def test_monte_carlo_reference_carries_its_standard_error() -> None:
+    """Without enumeration the reference is a many-sample rloo estimate with a positive SE."""
+    model, x = _tiny_vae(latent=3)
+    torch.manual_seed(4)
+    ref = reference_gradient(model, x, method="rloo", num_samples=20, num_estimates=40, chunk=20)
+    assert ref.kind == "rloo(S=20)" and float(ref.se.max()) > 0 and ref.moments is not None
+    exact = exact_reference(model, x)
+    noisy = ref.se > 0  # weights of pixels that are 0 in every example get exactly 0
+    assert torch.equal(ref.mean[~noisy], exact.mean[~noisy])
+    z = ((ref.mean - exact.mean)[noisy] / ref.se[noisy]).abs().max()
+    assert z <= z_critical(1e-3, int(noisy.sum()))
