@@ -1,0 +1,269 @@
+"""``gradbench-report``: records -> figures, tables and ``report.md``.
+
+Usage::
+
+    python -m benchmarks.report SWEEP_DIR... [--out DIR] [--throughput JSON...]
+
+Reads run records only (``run.json`` + metrics, Hydra's ``multirun.yaml``), never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.report._io import write_text
+from benchmarks.report.records import (
+    FACET_COLUMNS,
+    STATUS_ORDER,
+    discover,
+    flatten_config,
+    load_records,
+    load_throughput,
+)
+from benchmarks.report.tables import NA
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(none)\n"
+    return frame.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def _code(text: object) -> str:
+    text = str(text)
+    return f"`{text}`" if text and text != "nan" else NA
+
+
+def _provenance(runs: pd.DataFrame) -> list[str]:
+    out: list[str] = []
+    present = runs[runs["status"] != "missing"]
+
+    def counts(cols: list[str], title: str) -> None:
+        cols = [c for c in cols if c in present]
+        out.append(f"### {title}\n")
+        if not cols or present.empty:
+            out.append("(not recorded)\n")
+            return
+        text = present[cols].map(lambda v: NA if v is None or pd.isna(v) else str(v))
+        table = text.value_counts(dropna=False).rename("runs").reset_index()
+        out.append(_md_table(table))
+
+    counts(["git_commit", "git_dirty"], "Code (git commit; dirty = uncommitted changes)")
+    counts(sorted(c for c in runs if c.startswith("version_")), "Package versions")
+    counts(["device"], "Devices")
+
+    out.append("### Configurations\n")
+    out.append("Distinct configurations (each job's Hydra overrides without `seed`):\n")
+    rows = []
+    for _, r in runs.iterrows():
+        config = " ".join(
+            o for o in str(r["overrides"] or "").split() if not o.startswith("seed=")
+        )
+        rows.append(
+            {"overrides": config or "(defaults)", "seed": r["seed"], "status": r["status"]}
+        )
+    cfg = pd.DataFrame(rows)
+    if not cfg.empty:
+        cfg = (
+            cfg.groupby("overrides", sort=True)
+            .agg(
+                runs=("status", "size"),
+                seeds=("seed", lambda s: ", ".join(str(x) for x in sorted(s.dropna()))),
+                statuses=(
+                    "status",
+                    lambda s: ", ".join(
+                        f"{k} {v}" for k, v in s.value_counts().sort_index().items()
+                    ),
+                ),
+            )
+            .reset_index()
+        )
+        cfg["overrides"] = cfg["overrides"].map(_code)
+    out.append(_md_table(cfg))
+    flat = [flatten_config(c) for c in runs["config"] if isinstance(c, dict)]
+    if flat:
+        keys = sorted(set().union(*flat))
+        varying = {k: sorted({repr(f.get(k)) for f in flat}) for k in keys}
+        varying = {k: v for k, v in varying.items() if len(v) > 1}
+        common = {k: flat[0].get(k) for k in keys if k not in varying}
+        out.append("\nResolved config keys that differ between runs:\n")
+        out.append(
+            _md_table(
+                pd.DataFrame(
+                    [{"key": _code(k), "values": ", ".join(v)} for k, v in varying.items()]
+                )
+            )
+        )
+        shared = "\n".join(f"{k}: {v!r}" for k, v in common.items())
+        out.append(
+            "\n<details><summary>Config keys shared by all runs</summary>\n\n"
+            f"```\n{shared}\n```\n\n</details>\n"
+        )
+    return out
+
+
+def write_report_md(
+    out: Path,
+    argv: Sequence[str],
+    paths: Sequence[str],
+    runs: pd.DataFrame,
+    figures: list,
+    tables: list,
+    sweeps: list,
+) -> Path:
+    """Write ``out/report.md``: runs and their status, figures, tables, provenance."""
+    status_counts = runs["status"].value_counts()
+    statuses = [*STATUS_ORDER, *sorted(set(status_counts.index) - set(STATUS_ORDER))]
+    status_table = pd.DataFrame(
+        [{"status": s, "runs": int(status_counts[s])} for s in statuses if s in status_counts]
+    )
+    lines = [
+        "# gradbench report\n",
+        f"Built by `gradbench-report` from the records of {len(runs)} runs in "
+        + ", ".join(_code(p) for p in paths)
+        + ". It reads `run.json` and metrics files only.\n",
+        "Regenerate with:\n",
+        "```bash\n" + shlex.join(["python", "-m", "benchmarks.report", *argv]) + "\n```\n",
+        "## Runs\n",
+        _md_table(status_table),
+    ]
+    bad = runs[runs["status"] != "completed"].sort_values(["status", "run_id"])
+    lines.append("\n### Runs not in the figures and tables\n")
+    if bad.empty:
+        lines.append("All runs completed.\n")
+    else:
+        lines.append("Figures and tables aggregate completed runs only; these are left out:\n")
+        table = bad[["run_id", "estimator_label", "seed", "status", "reason", "run_dir"]].copy()
+        table["estimator_label"] = table["estimator_label"].fillna(bad["overrides"])
+        table["run_dir"] = table["run_dir"].map(_code)
+        lines.append(_md_table(table.fillna(NA).astype(str)))
+    lines.append("\n## Figures\n")
+    lines.append(
+        "Each estimator keeps one colour and marker in every figure (mapping: "
+        "[figures/palette.json](figures/palette.json)).\n"
+    )
+    for fig in figures:
+        if fig.skipped:
+            continue
+        png, pdf = (f.relative_to(out).as_posix() for f in fig.files)
+        lines.append(
+            f"### {fig.name}\n\n{fig.caption}\n\n![{fig.name}]({png})\n\n"
+            f"Vector version: [{pdf}]({pdf})\n"
+        )
+    skipped = [f for f in figures if f.skipped]
+    if skipped:
+        lines.append("### Skipped figures\n")
+        lines += [f"- `{f.name}`: {f.skipped}" for f in skipped]
+        lines.append("")
+    lines.append("\n## Tables\n")
+    lines.append("Per-run final values: `final_values.csv`; aggregated: `summary_stats.csv`.\n")
+    for table in tables:
+        links = ", ".join(f"[{f.name}]({f.relative_to(out).as_posix()})" for f in table.files)
+        lines.append(f"### {table.name}\n\n{table.caption} Files: {links}.\n\n{table.markdown}")
+    lines.append("## Provenance\n\n### Sweeps\n")
+    if sweeps:
+        for sweep in sweeps:
+            n = "unknown" if sweep.expected is None else len(sweep.expected)
+            found = (runs["sweep_dir"] == str(sweep.path)).sum() if "sweep_dir" in runs else 0
+            lines.append(
+                f"- {_code(sweep.path)}: {n} jobs expected, {found} listed here. "
+                f"Command: {_code(sweep.command or 'unknown')}"
+            )
+    else:
+        lines.append("- single run directories (no multirun.yaml)")
+    lines.append("")
+    lines += _provenance(runs)
+    lines += [
+        "\n## Recompute a table number\n",
+        "```python\nfrom benchmarks.report import final_values, load_records\n\n"
+        f"metrics, runs = load_records({list(map(str, paths))!r})\n"
+        "fv = final_values(metrics)  # one row per (completed run, quantity)\n"
+        f'fv[fv.quantity == "test/elbo"].groupby({[*FACET_COLUMNS, "estimator_label"]!r})'
+        '["value"].agg(["mean", "std", "count"])\n```\n',
+    ]
+    return write_text(out / "report.md", "\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``gradbench-report``."""
+    parser = argparse.ArgumentParser(
+        prog="gradbench-report",
+        description="Figures and tables from gradbench run records (reads files only).",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SWEEP_DIR",
+        help="sweep directories, run directories, or folders holding them",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: FIRST_SWEEP_DIR/report)"
+    )
+    parser.add_argument(
+        "--throughput",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="JSON",
+        help="pytest-benchmark JSON files (--benchmark-json) to plot",
+    )
+    parser.add_argument(
+        "--n-boot",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for 95%% bands (default 1000)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when any run is not completed"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build a report; returns the process exit status (0 on success)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    out = args.out or Path(args.paths[0]) / "report"
+    from benchmarks.report.figures import all_figures, palette_json
+    from benchmarks.report.style import estimator_style
+    from benchmarks.report.tables import all_tables
+
+    try:
+        _, sweeps = discover(args.paths)
+        metrics, runs = load_records(args.paths)
+        throughput = load_throughput(args.throughput) if args.throughput else None
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"gradbench-report: error: {err}", file=sys.stderr)
+        return 1
+    if runs.empty:
+        print(f"gradbench-report: error: no run directories under {args.paths}", file=sys.stderr)
+        return 1
+    labels = set(runs["estimator_label"].dropna()) | set(metrics["estimator_label"].dropna())
+    labels |= set(metrics.get("probe_label", pd.Series(dtype=str))) - {""}
+    if throughput is not None and not throughput.empty:
+        labels |= set(throughput["label"].dropna())
+    style = estimator_style(labels)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = all_figures(
+        metrics, runs, throughput, style, out / "figures", args.n_boot, args.seed
+    )
+    write_text(out / "figures" / "palette.json", palette_json(style, figures))
+    tables, _ = all_tables(metrics, runs, throughput, out / "tables", args.seed)
+    write_text(out / "runs.csv", runs.drop(columns=["config"]).to_csv(index=False))
+    report = write_report_md(out, argv, args.paths, runs, figures, tables, sweeps)
+    n_bad = int((runs["status"] != "completed").sum())
+    n_fig = sum(1 for f in figures if not f.skipped)
+    print(
+        f"gradbench-report: wrote {report} ({len(runs) - n_bad} completed runs, {n_bad} not "
+        f"completed; {n_fig} figures, {len(figures) - n_fig} skipped; {len(tables)} tables)"
+    )
+    return 1 if args.strict and n_bad else 0

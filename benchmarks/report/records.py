@@ -1,0 +1,613 @@
+"""Read run records (``run.json`` + tidy metrics) from sweep and run directories.
+
+Everything downstream (figures, tables, ``report.md``) is computed from the two DataFrames that
+:func:`load_records` returns, and the per-run table of :func:`final_values`. Nothing here imports
+torch: a report is rebuilt from files alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shlex
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+METRIC_COLUMNS = (
+    "run_id",
+    "estimator",
+    "estimator_label",
+    "family",
+    "dataset",
+    "model",
+    "seed",
+    "step",
+    "wall_time",
+    "f_evals",
+    "split",
+    "metric",
+    "value",
+)
+IDENTITY_COLUMNS = ("estimator", "estimator_label", "family", "dataset", "model", "seed")
+FACET_COLUMNS = ("family", "model", "dataset")
+NOT_COMPLETED = ("running", "diverged", "failed", "timeout", "missing")
+STATUS_ORDER = ("completed", *NOT_COMPLETED)
+#: Optional discriminator columns; the main series use rows where they are empty.
+SUBSERIES_COLUMNS = ("stat", "param")
+#: The run.json fields copied into the runs table.
+_RUN_JSON_KEYS = ("run_id", "status", "reason", "device", "git_commit", "git_dirty",
+                  "start_time", "end_time", "last_step", "config", *IDENTITY_COLUMNS)  # fmt: skip
+#: Which Hydra override keys give a missing run its identity.
+_OVERRIDE_IDENTITY = {
+    "estimator": "estimator",
+    "seed": "seed",
+    "model.family": "family",
+    "data": "dataset",
+    "model.arch": "model",
+}
+
+
+@dataclass
+class Sweep:
+    """A Hydra multirun directory and the jobs its basic sweeper was asked to launch."""
+
+    path: Path
+    task_overrides: list[str] = field(default_factory=list)
+    expected: list[list[str]] | None = None  # override list of every job, in launch order
+    command: str | None = None  # the sweep command reconstructed from multirun.yaml
+
+
+@dataclass
+class Job:
+    """One run directory, present or expected."""
+
+    path: Path
+    sweep: Sweep | None
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    expected_only: bool = False  # listed by multirun.yaml but no directory on disk
+
+
+# ------------------------------------------------------------------------------- discovery
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any(
+        (path / name).exists() for name in ("run.json", ".hydra", "metrics.parquet", "metrics.csv")
+    )
+
+
+def _is_sweep_dir(path: Path) -> bool:
+    if (path / "multirun.yaml").is_file():
+        return True
+    return any(c.is_dir() and c.name.isdigit() for c in path.iterdir())
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as err:
+        warnings.warn(f"cannot read {path}: {err}", stacklevel=3)
+        return None
+
+
+def _expected_jobs(multirun: dict) -> tuple[list[str], list[list[str]] | None]:
+    """The task overrides and, for Hydra's basic sweeper, every job's override list."""
+    hydra_cfg = (multirun or {}).get("hydra") or {}
+    task = list(((hydra_cfg.get("overrides") or {}).get("task")) or [])
+    sweeper = hydra_cfg.get("sweeper") or {}
+    target = str(sweeper.get("_target_", "BasicSweeper"))
+    if not target.endswith("BasicSweeper"):
+        return task, None  # other sweepers (optuna, ...) choose jobs at run time
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(params + task)
+    except Exception as err:  # any parse failure: plan unknown
+        warnings.warn(f"cannot expand sweep overrides {params + task}: {err}", stacklevel=3)
+        return task, None
+    axes: dict[str, list[str]] = {}
+    for ov in parsed:
+        key = ov.get_key_element()
+        if ov.is_sweep_override():
+            if not ov.is_discrete_sweep():
+                return task, None
+            axes[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+        else:
+            axes[key] = [f"{key}={ov.get_value_element_as_str()}"]
+    return task, [list(combo) for combo in itertools.product(*axes.values())]
+
+
+def _load_sweep(path: Path) -> Sweep:
+    sweep = Sweep(path=path)
+    if (path / "multirun.yaml").is_file():
+        multirun = _read_yaml(path / "multirun.yaml") or {}
+        sweep.task_overrides, sweep.expected = _expected_jobs(multirun)
+        hydra_overrides = ((multirun.get("hydra") or {}).get("overrides") or {}).get("hydra")
+        launcher = [str(o) for o in hydra_overrides or [] if not str(o).startswith("hydra.mode=")]
+        if sweep.task_overrides:
+            args = [*sweep.task_overrides, *launcher]
+            sweep.command = shlex.join(["python", "-m", "benchmarks.train", "--multirun", *args])
+    return sweep
+
+
+def _job_overrides(path: Path) -> list[str]:
+    data = _read_yaml(path / ".hydra" / "overrides.yaml") if path.is_dir() else None
+    return [str(x) for x in data] if isinstance(data, list) else []
+
+
+def _sweep_jobs(sweep: Sweep) -> list[Job]:
+    children = sorted(
+        (c for c in sweep.path.iterdir() if c.is_dir() and not c.name.startswith(".")),
+        key=lambda c: (not c.name.isdigit(), int(c.name) if c.name.isdigit() else 0, c.name),
+    )
+    present = [
+        Job(path=c, sweep=sweep, name=c.name, overrides=_job_overrides(c))
+        for c in children
+        if c.name.isdigit() or _is_run_dir(c)
+    ]
+    expected = sweep.expected
+    if expected is None:  # unknown sweep plan: gaps in the job numbering are missing jobs
+        numbers = {int(j.name) for j in present if j.name.isdigit()}
+        gaps = sorted(set(range(max(numbers) + 1)) - numbers) if numbers else []
+        missing = [Job(sweep.path / str(i), sweep, str(i), [], True) for i in gaps]
+        return present + missing
+    index = {frozenset(ovs): i for i, ovs in enumerate(expected)}
+    matched: set[int] = set()
+    for job in present:
+        i = index.get(frozenset(job.overrides)) if job.overrides else None
+        if i is None and not job.overrides and job.name.isdigit():
+            i = int(job.name) if int(job.name) < len(expected) else None
+        if i is not None:
+            matched.add(i)
+            job.overrides = job.overrides or list(expected[i])
+    missing = [
+        Job(sweep.path / str(i), sweep, str(i), list(ovs), True)
+        for i, ovs in enumerate(expected)
+        if i not in matched
+    ]
+    return present + missing
+
+
+def discover(paths: Iterable[str | Path], max_depth: int = 4) -> tuple[list[Job], list[Sweep]]:
+    """Find run directories under ``paths``: run dirs, sweep dirs, or folders holding either.
+
+    A sweep's expected-but-absent jobs (from ``multirun.yaml``) come back as ``Job``s with
+    ``expected_only=True``. Raises ``FileNotFoundError`` for a path that does not exist.
+    """
+    jobs: list[Job] = []
+    sweeps: list[Sweep] = []
+    seen: set[Path] = set()
+
+    def visit(path: Path, depth: int) -> None:
+        real = path.resolve()
+        if real in seen:
+            return
+        seen.add(real)
+        if _is_run_dir(path):
+            jobs.append(Job(path=path, sweep=None, name=path.name, overrides=_job_overrides(path)))
+        elif _is_sweep_dir(path):
+            sweep = _load_sweep(path)
+            sweeps.append(sweep)
+            jobs.extend(_sweep_jobs(sweep))
+            seen.update(j.path.resolve() for j in jobs)
+        elif depth < max_depth:
+            for child in sorted(path.iterdir()):
+                if child.is_dir() and not child.name.startswith("."):
+                    visit(child, depth + 1)
+
+    for p in paths:
+        p = Path(p)
+        if not p.is_dir():
+            raise FileNotFoundError(f"not a directory: {p}")
+        visit(p, 0)
+    return jobs, sweeps
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _identity_from_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ov in overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if key in _OVERRIDE_IDENTITY:
+            out[_OVERRIDE_IDENTITY[key]] = value
+    return out
+
+
+def _read_metrics(path: Path) -> tuple[pd.DataFrame | None, str | None]:
+    """The run's metrics table, or ``None`` and why not."""
+    for name, reader in (("metrics.parquet", pd.read_parquet), ("metrics.csv", pd.read_csv)):
+        file = path / name
+        if file.is_file():
+            try:
+                frame = reader(file)
+            except Exception as err:  # a corrupt file is reported
+                return None, f"unreadable {name}: {type(err).__name__}: {err}"
+            if frame.empty:
+                return None, f"empty {name}"
+            lacking = [c for c in ("step", "split", "metric", "value") if c not in frame]
+            if lacking:
+                return None, f"{name} lacks columns {lacking}"
+            return frame, None
+    return None, "no metrics file"
+
+
+def _run_row(job: Job) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """One row of the runs table and the run's (normalized) metrics."""
+    row: dict[str, Any] = {
+        "run_id": None,
+        "status": "missing",
+        "reason": None,
+        "run_dir": str(job.path),
+        "sweep_dir": str(job.sweep.path) if job.sweep else None,
+        "job": job.name,
+        "overrides": " ".join(job.overrides),
+        "estimator": None,
+        "estimator_label": None,
+        "family": None,
+        "model": None,
+        "dataset": None,
+        "seed": None,
+        "device": None,
+        "git_commit": None,
+        "git_dirty": None,
+        "start_time": None,
+        "end_time": None,
+        "last_step": None,
+        "config": None,
+        "n_metric_rows": 0,
+    }
+    row.update(_identity_from_overrides(job.overrides))
+    row["run_id"] = f"{job.sweep.path.name}/{job.name}" if job.sweep else job.path.name
+    if job.expected_only or not job.path.is_dir():
+        row["reason"] = "no job directory (listed in multirun.yaml)"
+        return row, None
+    run_json = job.path / "run.json"
+    if not run_json.is_file():
+        row["reason"] = "no run.json"
+        return row, None
+    try:
+        info = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        row["reason"] = f"unreadable run.json: {err}"
+        return row, None
+    for key in _RUN_JSON_KEYS:
+        if info.get(key) is not None:
+            row[key] = info[key]
+    for name, version in (info.get("versions") or {}).items():
+        row[f"version_{name}"] = version
+    if not job.overrides and isinstance(info.get("overrides"), list):
+        row["overrides"] = " ".join(map(str, info["overrides"]))
+    if row["config"] is None and (job.path / ".hydra" / "config.yaml").is_file():
+        row["config"] = _read_yaml(job.path / ".hydra" / "config.yaml")
+    row["estimator_label"] = row["estimator_label"] or row["estimator"]
+    row["status"] = str(row["status"]) if info.get("status") else "missing"
+    if not info.get("status"):
+        row["reason"] = "run.json has no status"
+
+    metrics, why = _read_metrics(job.path)
+    if metrics is None:
+        if row["status"] == "completed":
+            row["status"], row["reason"] = "missing", f"{why} (run.json says completed)"
+        else:
+            row["reason"] = "; ".join(x for x in (row["reason"], why) if x)
+        return row, None
+    row["n_metric_rows"] = len(metrics)
+    return row, metrics
+
+
+def _normalize_metrics(metrics: pd.DataFrame, row: dict[str, Any]) -> pd.DataFrame:
+    m = metrics.copy()
+    for col in IDENTITY_COLUMNS:
+        if col not in m or m[col].isna().all():
+            m[col] = row[col]
+        elif row[col] is not None:
+            m[col] = m[col].where(m[col].notna(), row[col])
+    m["run_id"] = row["run_id"]
+    m["status"] = row["status"]
+    for col in ("wall_time", "f_evals"):
+        if col not in m:
+            m[col] = np.nan
+    for col in ("probe_estimator", *SUBSERIES_COLUMNS):
+        if col in m or col == "probe_estimator":
+            values = m[col] if col in m else pd.Series("", index=m.index)
+            m[col] = values.astype(object).where(values.notna(), "").astype(str)
+    m["step"] = pd.to_numeric(m["step"], errors="coerce")
+    for col in ("value", "wall_time", "f_evals"):
+        m[col] = pd.to_numeric(m[col], errors="coerce").astype(float)
+    m = m[m["step"].notna()].copy()
+    m["step"] = m["step"].astype("int64")
+    for col in ("split", "metric", "estimator", "estimator_label", *FACET_COLUMNS):
+        m[col] = m[col].astype(str)
+    # The estimator whose gradient a probe row measures (the "basket"); own estimator if empty.
+    is_probe = m["split"] == "probe"
+    m["probe_label"] = np.where(
+        is_probe,
+        np.where(m["probe_estimator"] != "", m["probe_estimator"], m["estimator_label"]),
+        "",
+    )
+    return m
+
+
+def load_records(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Load every run under ``paths`` into tidy DataFrames.
+
+    Args:
+      paths: sweep directories (with ``multirun.yaml`` and numbered job dirs), single run
+        directories, or folders that contain them.
+
+    Returns:
+      ``(metrics, runs)``. ``metrics`` has one row per (run, step, split, metric[,
+      probe_estimator]) with the contract's columns plus ``status`` (the run's status),
+      ``probe_estimator`` and ``probe_label`` (the probed estimator's label on probe rows, the
+      run's own label when the record leaves it empty; ``""`` elsewhere); unknown columns are
+      kept. ``runs`` has one row per run, present or expected: ``status`` (``completed``,
+      ``running``, ``diverged``, ``failed``, ``timeout`` or ``missing``), ``reason``,
+      identity, provenance (device, git commit, ``version_*``, times, overrides, config).
+    """
+    jobs, _ = discover(paths)
+    rows: list[dict[str, Any]] = []
+    frames: list[pd.DataFrame] = []
+    ids: set[str] = set()
+    for job in jobs:
+        row, metrics = _run_row(job)
+        if row["run_id"] in ids:  # two directories claim one id: keep both, tell them apart
+            row["run_id"] = f"{row['run_id']}@{job.path}"
+        ids.add(row["run_id"])
+        rows.append(row)
+        if metrics is not None:
+            frames.append(_normalize_metrics(metrics, row))
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        runs = pd.DataFrame(columns=["run_id", "status", "reason", "run_dir", *IDENTITY_COLUMNS])
+    runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64")
+    if frames:
+        metrics = pd.concat(frames, ignore_index=True)
+        metrics["seed"] = pd.to_numeric(metrics["seed"], errors="coerce").astype("Int64")
+    else:
+        numeric = {"step": "int64", "seed": "Int64", "wall_time": float, "f_evals": float,
+                   "value": float}  # fmt: skip
+        metrics = pd.DataFrame(
+            {c: pd.Series(dtype=numeric.get(c, object)) for c in
+             [*METRIC_COLUMNS, "status", "probe_estimator", "probe_label"]}
+        )  # fmt: skip
+    return metrics, runs
+
+
+def load_throughput(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Tidy rows from pytest-benchmark JSON files (``--benchmark-json``).
+
+    One row per benchmark with ``name``, ``kind`` (the benchmark group or test function),
+    ``label`` (``estimator_label``/``estimator`` from ``extra_info`` or ``params``),
+    ``reference`` (the hand-written loop), every param, ``median_s``, ``q1_s``, ``q3_s`` and
+    ``per_s = 1 / median_s`` (calls per second).
+    """
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        for bench in data.get("benchmarks", []):
+            params = dict(bench.get("params") or {})
+            extra = dict(bench.get("extra_info") or {})
+            stats = bench.get("stats") or {}
+            name = str(bench.get("name", ""))
+            base = name.split("[")[0]
+            kind = bench.get("group") or base.removeprefix("test_")
+            label = next(
+                (
+                    str(d[k])
+                    for k in ("estimator_label", "estimator")
+                    for d in (extra, params)
+                    if d.get(k) not in (None, "")
+                ),
+                None,
+            )
+            reference = bool(extra.get("reference")) or "reference" in name.lower()
+            if reference and label is None:
+                label = "reference (hand-written)"
+            row: dict[str, Any] = {"source": str(path), "name": name, "kind": str(kind)}
+            for key, value in {**extra, **params}.items():
+                if key not in row and (value is None or isinstance(value, str | int | float)):
+                    row[key] = value
+            median = stats.get("median")
+            row.update(
+                label=label or base,
+                reference=reference,
+                median_s=median,
+                q1_s=stats.get("q1"),
+                q3_s=stats.get("q3"),
+                rounds=stats.get("rounds"),
+                per_s=1.0 / median if median else math.nan,
+            )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------ final values
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A per-run summary number that the tables report."""
+
+    key: str
+    title: str
+    higher_is_better: bool
+    decimals: int
+    description: str
+
+
+QUANTITIES: tuple[Quantity, ...] = (
+    Quantity(
+        "test/elbo", "test ELBO (nats)", True, 2, "`test/elbo` at the run's last evaluation step"
+    ),
+    Quantity(
+        "test/iwae", "test IWAE (nats)", True, 2, "`test/iwae` at the run's last evaluation step"
+    ),
+    Quantity(
+        "log10 probe/grad_var",
+        "log10 grad. variance",
+        False,
+        2,
+        "log10 of `probe/grad_var` of the run's own estimator at its last probe step",
+    ),
+    Quantity(
+        "throughput/steps_per_s",
+        "steps/s",
+        True,
+        1,
+        "median of the run's `throughput/steps_per_s` records",
+    ),
+    Quantity(
+        "f_evals_per_step",
+        "f-evals/step",
+        False,
+        2,
+        "`f_evals` (cumulative, per example) / `step` at the run's last logged step",
+    ),
+)
+QUANTITY_BY_KEY = {q.key: q for q in QUANTITIES}
+
+
+def primary_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The main series: own-estimator probe rows, and empty ``stat``/``param`` sub-series.
+
+    A probe row is the run's own when its ``probe_label`` equals the run's label (or, if the
+    basket names estimators by registry name, the run's ``estimator``). For the optional
+    ``stat``/``param`` columns, rows with an empty value are kept for every metric that has
+    them; metrics that only come with non-empty values keep all their rows (averaged later).
+    """
+    keep = df["split"] != "probe"
+    if "probe_label" in df:
+        own = df["probe_label"] == df["estimator_label"]
+        by_name = df["probe_label"] == df["estimator"]
+        has_own = own.groupby([df["run_id"], df["metric"]]).transform("any")
+        keep |= (df["split"] == "probe") & (own | (~has_own & by_name))
+    out = df[keep]
+    for col in SUBSERIES_COLUMNS:
+        if col in out:
+            empty = out[col] == ""
+            any_empty = empty.groupby([out["split"], out["metric"]]).transform("any")
+            out = out[empty | ~any_empty]
+    return out
+
+
+def _last(df: pd.DataFrame, split: str, metric: str) -> pd.DataFrame:
+    rows = df[(df["split"] == split) & (df["metric"] == metric) & np.isfinite(df["value"])]
+    if rows.empty:
+        return rows.assign(step=pd.Series(dtype="int64"))
+    last = rows.groupby("run_id")["step"].transform("max")
+    return (
+        rows[rows["step"] == last]
+        .groupby("run_id", as_index=False)
+        .agg(value=("value", "mean"), step=("step", "max"))
+    )
+
+
+def final_values(
+    df: pd.DataFrame, statuses: Sequence[str] | None = ("completed",)
+) -> pd.DataFrame:
+    """Per-run final values: the numbers every summary table is built from.
+
+    Args:
+      df: the metrics frame of :func:`load_records`.
+      statuses: keep runs with these statuses (``None`` keeps all).
+
+    Returns:
+      A tidy frame, one row per (run, quantity), with columns ``run_id, family, model,
+      dataset, estimator, estimator_label, seed, status, quantity, value, step``. The
+      quantities are listed in ``QUANTITIES`` (final test ELBO/IWAE, log10 probe variance,
+      median steps/s, f-evaluations per step). A table cell is then, e.g.::
+
+          fv = final_values(metrics)
+          keys = ["family", "model", "dataset", "estimator_label"]
+          fv[fv.quantity == "test/elbo"].groupby(keys).value.agg(["mean", "std", "count"])
+    """
+    cols = [
+        "run_id",
+        "family",
+        "model",
+        "dataset",
+        "estimator",
+        "estimator_label",
+        "seed",
+        "status",
+        "quantity",
+        "value",
+        "step",
+    ]
+    if statuses is not None:
+        df = df[df["status"].isin(list(statuses))]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    df = primary_rows(df)
+    parts: list[pd.DataFrame] = []
+    for key in ("test/elbo", "test/iwae"):
+        split, metric = key.split("/")
+        parts.append(_last(df, split, metric).assign(quantity=key))
+    var = _last(df, "probe", "grad_var")
+    var = var[var["value"] > 0]
+    parts.append(var.assign(value=np.log10(var["value"]), quantity="log10 probe/grad_var"))
+    tp = df[(df["split"] == "throughput") & (df["metric"] == "steps_per_s")]
+    tp = tp[np.isfinite(tp["value"])]
+    parts.append(
+        tp.groupby("run_id", as_index=False)
+        .agg(value=("value", "median"), step=("step", "max"))
+        .assign(quantity="throughput/steps_per_s")
+    )
+    fe = df[(df["step"] > 0) & np.isfinite(df["f_evals"])]
+    fe = fe[fe["step"] == fe.groupby("run_id")["step"].transform("max")]
+    fe = fe.groupby("run_id", as_index=False).agg(f_evals=("f_evals", "max"), step=("step", "max"))
+    parts.append(
+        fe.assign(value=fe["f_evals"] / fe["step"], quantity="f_evals_per_step").drop(
+            columns="f_evals"
+        )
+    )
+    ident = df.drop_duplicates("run_id")[
+        ["run_id", "family", "model", "dataset", "estimator", "estimator_label", "seed", "status"]
+    ]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    out = pd.concat(parts, ignore_index=True).merge(ident, on="run_id", how="left")
+    order = {q.key: i for i, q in enumerate(QUANTITIES)}
+    out = out.sort_values(
+        ["family", "model", "dataset", "estimator_label", "seed", "quantity"],
+        key=lambda s: s.map(order) if s.name == "quantity" else s,
+    )
+    return out[cols].reset_index(drop=True)
+
+
+def config_value(config: Any, dotted: str) -> Any:
+    """``config["a"]["b"]`` for ``dotted="a.b"``; ``None`` when absent."""
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": value}`` (lists are kept as values)."""
+    if not isinstance(config, dict):
+        return {prefix: config} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten_config(value, name))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,394 @@
+"""Summary tables (Markdown and LaTeX booktabs) built from ``records.final_values``.
+
+A cell is ``mean ± std (n)`` over the completed seeds of one (family, model, dataset,
+estimator_label); the best mean of each column within a (family, model, dataset) group is bold.
+Per-quantity tables add each row's difference from the best row and a Welch t-test p-value.
+Every table carries footnotes listing the runs that are not in it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.report._io import write_text
+from benchmarks.report.records import (
+    FACET_COLUMNS,
+    QUANTITIES,
+    QUANTITY_BY_KEY,
+    Quantity,
+    final_values,
+)
+
+GROUP = [*FACET_COLUMNS, "estimator_label"]
+NA = "\N{EN DASH}"  # an undefined cell
+TIMES = "\N{MULTIPLICATION SIGN}"
+MAX_FOOTNOTE_RUNS = 25
+_TEX_SPECIAL = dict(zip("\\&%$#_{}~^`", [
+    r"\textbackslash{}", r"\&", r"\%", r"\$", r"\#", r"\_", r"\{", r"\}",
+    r"\textasciitilde{}", r"\textasciicircum{}", "",
+], strict=True))  # fmt: skip
+# Characters that pdflatex does not take as UTF-8 text: Greek letters and a few symbols.
+_TEX_SPECIAL |= dict(zip("τλαβγσμηεΔ±×−≤≥—–·†…", [  # noqa: RUF001
+    r"$\tau$", r"$\lambda$", r"$\alpha$", r"$\beta$", r"$\gamma$", r"$\sigma$", r"$\mu$",
+    r"$\eta$", r"$\epsilon$", r"$\Delta$", r"$\pm$", r"$\times$", "-", r"$\leq$", r"$\geq$",
+    "---", "--", r"$\cdot$", r"\textsuperscript{\dag}", r"\ldots{}",
+], strict=True))  # fmt: skip
+
+
+@dataclass
+class TableResult:
+    """A written table: its Markdown text (for report.md) and its files."""
+
+    name: str
+    caption: str
+    markdown: str
+    files: list[Path] = field(default_factory=list)
+
+
+def tex_escape(text: object) -> str:
+    """Escape text for LaTeX (pdflatex-safe: common Greek letters and symbols become math)."""
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def welch_p(a: Sequence[float], b: Sequence[float], seed: int = 0, n_boot: int = 10_000) -> float:
+    """Two-sided p-value for equal means without assuming equal variances.
+
+    Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) when scipy is importable; else
+    a seeded bootstrap test of the mean difference (both samples shifted to the pooled mean).
+    NaN when a sample has fewer than 2 values or both have zero variance.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
+        return math.nan
+    try:
+        from scipy.stats import ttest_ind
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        pooled = np.concatenate([a, b]).mean()
+        a0, b0 = a - a.mean() + pooled, b - b.mean() + pooled
+        ma = rng.choice(a0, (n_boot, len(a))).mean(axis=1)
+        mb = rng.choice(b0, (n_boot, len(b))).mean(axis=1)
+        observed = abs(a.mean() - b.mean())
+        return float((np.sum(np.abs(ma - mb) >= observed) + 1) / (n_boot + 1))
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def summary_stats(fv: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Mean, std (ddof=1), n, best flag, difference from best and Welch p per group/quantity.
+
+    ``fv`` is the output of ``records.final_values``. One row per (family, model, dataset,
+    estimator_label, quantity). ``best`` is the highest mean (or lowest, for quantities where
+    lower is better) within each (family, model, dataset, quantity); ties are all best.
+    """
+    cols = [*GROUP, "quantity", "mean", "std", "n", "best", "delta", "p"]
+    if fv.empty:
+        return pd.DataFrame(columns=cols)
+    stats = (
+        fv.groupby([*GROUP, "quantity"], sort=False)["value"]
+        .agg(mean="mean", std="std", n="count", values=list)
+        .reset_index()
+    )
+    out = []
+    for _, block in stats.groupby([*FACET_COLUMNS, "quantity"], sort=False):
+        q = QUANTITY_BY_KEY[block["quantity"].iloc[0]]
+        best_mean = block["mean"].max() if q.higher_is_better else block["mean"].min()
+        block = block.assign(best=np.isclose(block["mean"], best_mean, rtol=0, atol=1e-12))
+        best_values = block.loc[block["best"], "values"].iloc[0]
+        block["delta"] = block["mean"] - best_mean
+        block["p"] = [
+            math.nan if is_best else welch_p(v, best_values, seed)
+            for v, is_best in zip(block["values"], block["best"], strict=True)
+        ]
+        out.append(block)
+    order = {q.key: i for i, q in enumerate(QUANTITIES)}
+    stats = pd.concat(out, ignore_index=True).sort_values(
+        [*GROUP, "quantity"], key=lambda s: s.map(order) if s.name == "quantity" else s
+    )
+    return stats[cols].reset_index(drop=True)
+
+
+def format_cell(
+    mean: float, std: float, n: int, decimals: int, latex: bool = False, bold: bool = False
+) -> str:
+    """``mean ± std (n)`` (``mean (n)`` when std is undefined), in Markdown or LaTeX."""
+    body = f"{mean:.{decimals}f}"
+    if not (isinstance(std, float) and math.isnan(std)):
+        body += (r" \pm " if latex else " ± ") + f"{std:.{decimals}f}"
+    if latex:
+        text = f"${body}$ ({n})"
+        return rf"\textbf{{\boldmath{text}}}" if bold else text
+    text = f"{body} ({n})"
+    return f"**{text}**" if bold else text
+
+
+def format_p(p: float, latex: bool = False) -> str:
+    """p-value text: ``<0.001``, ``0.042``; ``–`` when undefined."""
+    if math.isnan(p):
+        return "--" if latex else NA
+    if p < 0.001:
+        return "$<$0.001" if latex else "<0.001"
+    return f"{p:.3f}"
+
+
+def _excluded_groups(runs: pd.DataFrame) -> set[tuple]:
+    bad = runs[runs["status"] != "completed"]
+    return {tuple(str(x) for x in r) for r in bad[GROUP].fillna("").to_numpy()}
+
+
+def footnotes(runs: pd.DataFrame) -> list[str]:
+    """One line per run that is not in the tables (any status other than completed)."""
+    bad = runs[runs["status"] != "completed"].sort_values(["status", "run_id"])
+    lines = []
+    for _, r in bad.iterrows():
+        who = r["estimator_label"] if isinstance(r["estimator_label"], str) else None
+        who = who or (r["overrides"] or "")
+        seed = "" if pd.isna(r["seed"]) else f", seed {r['seed']}"
+        reason = f": {r['reason']}" if isinstance(r["reason"], str) and r["reason"] else ""
+        lines.append(f"{r['run_id']} ({who}{seed}) — {r['status']}{reason}")
+    if len(lines) > MAX_FOOTNOTE_RUNS:
+        extra = len(lines) - MAX_FOOTNOTE_RUNS
+        lines = [*lines[:MAX_FOOTNOTE_RUNS], f"… and {extra} more (see report.md)"]
+    return lines
+
+
+def _markdown(frame: pd.DataFrame, note: str, excluded: list[str]) -> str:
+    text = frame.to_markdown(index=False, disable_numparse=True) + "\n\n" + note + "\n"
+    if excluded:
+        text += "\n† Not included (not completed):\n\n" + "".join(f"- {x}\n" for x in excluded)
+    return text
+
+
+def _booktabs(frame: pd.DataFrame, note: str, excluded: list[str], n_text: int) -> str:
+    """A booktabs ``tabular`` (cells already LaTeX) followed by its footnotes."""
+    align = "l" * n_text + "r" * (frame.shape[1] - n_text)
+    lines = [
+        "% Generated by gradbench-report; needs \\usepackage{booktabs}.",
+        f"\\begin{{tabular}}{{{align}}}",
+        "\\toprule",
+        " & ".join(tex_escape(c) for c in frame.columns) + r" \\",
+        "\\midrule",
+    ]
+    previous = None
+    for row in frame.itertuples(index=False):
+        group = tuple(row[: len(FACET_COLUMNS)])
+        if previous is not None and group != previous:
+            lines.append("\\midrule")
+        previous = group
+        lines.append(" & ".join(str(c) for c in row) + r" \\")
+    lines += ["\\bottomrule", "\\end{tabular}", "", "\\par\\smallskip", "{\\footnotesize"]
+    lines.append(tex_escape(note).replace("**", "") + "\\par")
+    if excluded:
+        lines.append(r"\textsuperscript{\dag}Not included (not completed):")
+        lines += [
+            tex_escape(x) + ("\\par" if i == len(excluded) - 1 else ";")
+            for i, x in enumerate(excluded)
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _identity_cells(key: tuple, excluded: set[tuple], latex: bool) -> list[str]:
+    label = str(key[-1]) + (" †" if tuple(str(x) for x in key) in excluded else "")
+    cells = [str(x) for x in key[:-1]] + [label]
+    return [tex_escape(c) for c in cells] if latex else cells
+
+
+def summary_table(stats: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> TableResult | None:
+    """All quantities side by side (``summary.md``/``summary.tex``); None without data."""
+    if stats.empty:
+        return None
+    quantities = [q for q in QUANTITIES if (stats["quantity"] == q.key).any()]
+    excluded_groups = _excluded_groups(runs)
+    md_rows, tex_rows = [], []
+    for key, block in stats.groupby(GROUP, sort=True):
+        cells = {r.quantity: r for r in block.itertuples()}
+        md, tex = (
+            _identity_cells(key, excluded_groups, False),
+            _identity_cells(key, excluded_groups, True),
+        )
+        for q in quantities:
+            r = cells.get(q.key)
+            md.append(
+                NA if r is None else format_cell(r.mean, r.std, r.n, q.decimals, bold=bool(r.best))
+            )
+            tex.append(
+                "--"
+                if r is None
+                else format_cell(r.mean, r.std, r.n, q.decimals, latex=True, bold=bool(r.best))
+            )
+        md_rows.append(md)
+        tex_rows.append(tex)
+    header = [*FACET_COLUMNS, "estimator", *(q.title for q in quantities)]
+    note = (
+        "Mean ± sample std (number of completed seeds). **Bold**: best per column within each "
+        "(family, model, dataset); higher is better for ELBO, IWAE and steps/s, lower for "
+        "variance and f-evaluations. "
+        + " ".join(f"{q.title}: {q.description}." for q in quantities)
+    )
+    excluded = footnotes(runs)
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded)
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP))
+    caption = "Final values over seeds (all quantities)."
+    return TableResult("summary", caption, md, _write(out_dir, "summary", md, tex))
+
+
+def quantity_table(
+    stats: pd.DataFrame,
+    runs: pd.DataFrame,
+    q: Quantity,
+    out_dir: Path,
+) -> TableResult | None:
+    """One quantity with each row's difference from the best and a Welch t-test p-value."""
+    part = stats[stats["quantity"] == q.key]
+    if part.empty:
+        return None
+    excluded_groups = _excluded_groups(runs)
+    md_rows, tex_rows = [], []
+    for r in part.itertuples():
+        key = tuple(getattr(r, c) for c in GROUP)
+        delta = "0" if r.best else f"{r.delta:+.{q.decimals}f}"
+        md_rows.append(
+            [
+                *_identity_cells(key, excluded_groups, False),
+                format_cell(r.mean, r.std, r.n, q.decimals, bold=bool(r.best)),
+                delta,
+                "best" if r.best else format_p(r.p),
+            ]
+        )
+        tex_rows.append(
+            [
+                *_identity_cells(key, excluded_groups, True),
+                format_cell(r.mean, r.std, r.n, q.decimals, latex=True, bold=bool(r.best)),
+                f"${delta}$",
+                "best" if r.best else format_p(r.p, latex=True),
+            ]
+        )
+    header = [*FACET_COLUMNS, "estimator", q.title, "Δ vs best", "p (Welch)"]
+    direction = "higher" if q.higher_is_better else "lower"
+    note = (
+        f"{q.title}: {q.description}. Mean ± sample std (number of completed seeds); **bold**: "
+        f"best ({direction} is better) within each (family, model, dataset). Δ: difference of "
+        "the mean from the best row's; p: two-sided Welch t-test against the best row's seeds "
+        f"({NA} when a row has fewer than two seeds)."
+    )
+    excluded = footnotes(runs)
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded)
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP))
+    name = q.key.replace("log10 ", "log10_").replace("/", "_")
+    return TableResult(
+        name, f"{q.title} with differences from the best.", md, _write(out_dir, name, md, tex)
+    )
+
+
+def basket_table(df: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> TableResult | None:
+    """log10 probe variance of every probed estimator at the last probe step, per trajectory."""
+    done = df[(df["status"] == "completed") & (df["split"] == "probe")]
+    rows = done[(done["metric"] == "grad_var") & (done["value"] > 0)]
+    if rows.empty or (rows["probe_label"] == rows["estimator_label"]).all():
+        return None
+    for col in ("stat", "param"):
+        if col in rows and (rows[col] == "").any():
+            rows = rows[rows[col] == ""]
+    last = rows[rows["step"] == rows.groupby("run_id")["step"].transform("max")]
+    last = last.groupby([*GROUP, "probe_label", "run_id"], as_index=False)["value"].mean()
+    last["value"] = np.log10(last["value"])
+    stats = (
+        last.groupby([*GROUP, "probe_label"])["value"]
+        .agg(mean="mean", std="std", n="count")
+        .reset_index()
+    )
+    best = stats.groupby(GROUP)["mean"].transform("min")
+    stats["best"] = np.isclose(stats["mean"], best, rtol=0, atol=1e-12)
+    md_rows, tex_rows = [], []
+    for r in stats.itertuples():
+        ident = [*(getattr(r, c) for c in FACET_COLUMNS), r.estimator_label, r.probe_label]
+        md_rows.append([*map(str, ident), format_cell(r.mean, r.std, r.n, 2, bold=r.best)])
+        tex_rows.append(
+            [*map(tex_escape, ident), format_cell(r.mean, r.std, r.n, 2, latex=True, bold=r.best)]
+        )
+    header = [*FACET_COLUMNS, "trajectory", "probed estimator", "log10 grad. variance"]
+    note = (
+        "Gradient basket: log10 `probe/grad_var` of each probed estimator, measured at the same "
+        "parameters along the trajectory of the run's own estimator, at each run's last probe "
+        "step. Mean ± sample std (completed seeds); **bold**: lowest per trajectory."
+    )
+    excluded = footnotes(runs)
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded)
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP) + 1)
+    return TableResult(
+        "grad_var_basket",
+        "Gradient basket at the last probe step.",
+        md,
+        _write(out_dir, "grad_var_basket", md, tex),
+    )
+
+
+def benchmark_table(tp: pd.DataFrame | None, out_dir: Path) -> TableResult | None:
+    """pytest-benchmark timings with each row's time relative to the hand-written reference."""
+    if tp is None or tp.empty:
+        return None
+    tp = tp.copy()
+    keys = [k for k in ("family", "batch_size", "device") if k in tp]
+    refs = tp[tp["reference"]]
+    if not refs.empty:
+        ref_time = refs.groupby(keys, dropna=False)["median_s"].median() if keys else None
+        if keys:
+            tp = tp.merge(ref_time.rename("ref_s").reset_index(), on=keys, how="left")
+        else:
+            tp["ref_s"] = refs["median_s"].median()
+    else:
+        tp["ref_s"] = math.nan
+    tp = tp.sort_values(["kind", *keys, "label"])
+    cols = ["kind", "label", *keys]
+    md_rows, tex_rows = [], []
+    for r in tp.itertuples():
+        ident = [str(getattr(r, c)) for c in cols]
+        ratio = r.median_s / r.ref_s if r.ref_s and not math.isnan(r.ref_s) else math.nan
+        nums = [
+            f"{1e3 * r.median_s:.3f}",
+            f"{r.per_s:.1f}",
+            NA if math.isnan(ratio) else f"{ratio:.2f}{TIMES}",
+        ]
+        md_rows.append(ident + nums)
+        tex_rows.append([tex_escape(x) for x in ident + nums])
+    header = ["benchmark", "estimator", *keys, "median (ms)", "calls/s", f"{TIMES} reference"]
+    note = (
+        f"pytest-benchmark medians; {TIMES} reference: median time relative to the hand-written "
+        "reference training step with the same family, batch size and device."
+    )
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, [])
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, [], len(cols))
+    return TableResult(
+        "throughput_benchmark",
+        "Throughput (pytest-benchmark).",
+        md,
+        _write(out_dir, "throughput_benchmark", md, tex),
+    )
+
+
+def _write(out_dir: Path, name: str, md: str, tex: str) -> list[Path]:
+    return [write_text(out_dir / f"{name}.md", md), write_text(out_dir / f"{name}.tex", tex)]
+
+
+def all_tables(
+    df: pd.DataFrame,
+    runs: pd.DataFrame,
+    throughput: pd.DataFrame | None,
+    out_dir: Path,
+    seed: int = 0,
+) -> tuple[list[TableResult], pd.DataFrame]:
+    """Every table of a report, and the statistics behind them (also ``summary_stats.csv``)."""
+    fv = final_values(df)
+    stats = summary_stats(fv, seed)
+    write_text(out_dir / "final_values.csv", fv.to_csv(index=False))
+    write_text(out_dir / "summary_stats.csv", stats.to_csv(index=False))
+    results = [summary_table(stats, runs, out_dir)]
+    results += [quantity_table(stats, runs, q, out_dir) for q in QUANTITIES]
+    results += [basket_table(df, runs, out_dir), benchmark_table(throughput, out_dir)]
+    return [r for r in results if r is not None], stats
