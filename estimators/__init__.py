@@ -9,7 +9,15 @@
 """
 
 # Importing the estimator modules registers them.
-from estimators import exact, relaxed, reparam, score_function
+from estimators import (
+    antithetic,
+    control_variate,
+    exact,
+    learned_baselines,
+    relaxed,
+    reparam,
+    score_function,
+)
 from estimators.base import (
     FAMILIES,
     Estimate,
@@ -24,11 +32,14 @@ __all__ = [
     "Estimate",
     "Estimator",
     "EstimatorBase",
+    "antithetic",
     "available",
+    "control_variate",
     "exact",
     "families",
     "family_of",
     "get",
+    "learned_baselines",
     "options",
     "register",
     "relaxed",

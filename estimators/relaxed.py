@@ -125,3 +125,201 @@ def gumbel_softmax(
 ) -> GumbelSoftmax:
     """Gumbel-softmax / Concrete (Jang et al. 2017; Maddison et al. 2017)."""
     return GumbelSoftmax(temperature, straight_through, num_samples)
+
+
+# Straight-through estimators and the exact conditional noise that REBAR, RELAX and Gumbel-Rao
+# share. Categorical logits passed to these helpers must be normalized (log-probabilities):
+# the conditional formula uses that the max of ``logits + Gumbel`` is then ``Gumbel(0)``.
+
+
+def _uniform(shape: torch.Size, like: Tensor) -> Tensor:
+    """Uniforms in ``[eps, 1 - eps]`` (finite logs and logits), dtype and device of ``like``."""
+    eps = torch.finfo(like.dtype).eps
+    return torch.rand(shape, dtype=like.dtype, device=like.device).clamp(eps, 1 - eps)
+
+
+def perturb(logits: Tensor, family: str, sample_shape: tuple[int, ...] = ()) -> Tensor:
+    r"""Perturbed logits ``z = logits + noise``, ``[*sample_shape, *logits.shape]``.
+
+    Logistic noise :math:`\log u - \log(1-u)` (Bernoulli, ``b = 1[z > 0]``) or Gumbel noise
+    :math:`-\log(-\log u)` (categorical, ``b = onehot(argmax z)``), so that :func:`hard_of`
+    ``(z)`` is an exact sample of ``q``. Differentiable in ``logits`` at fixed noise.
+    """
+    u = _uniform(torch.Size(sample_shape) + logits.shape, logits)
+    noise = u.log() - (-u).log1p() if family == "bernoulli" else -(-u.log()).log()
+    return logits + noise
+
+
+def hard_of(z: Tensor, family: str) -> Tensor:
+    """The discrete sample of perturbed logits: ``1[z > 0]`` or the one-hot argmax."""
+    if family == "bernoulli":
+        return (z > 0).to(z.dtype)
+    return F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+
+
+def conditional_perturb(
+    logits: Tensor, hard: Tensor, family: str, sample_shape: tuple[int, ...] = ()
+) -> Tensor:
+    r"""Perturbed logits :math:`\tilde z \sim z \mid \mathrm{hard\_of}(z) = b`, reparameterized.
+
+    Bernoulli: the logistic(logits) inverse CDF truncated to ``z > 0`` (``b = 1``) or
+    ``z <= 0``: :math:`\tilde z = \theta + \log v' - \log(1-v')` with :math:`v' = 1-p(1-v)` or
+    :math:`v' = v(1-p)`, :math:`p = \sigma(\theta)`. Categorical (normalized logits
+    :math:`\ell`, :math:`E = -\log v \sim \mathrm{Exp}(1)`): :math:`\tilde z_b = -\log E_b` and
+    :math:`\tilde z_i = -\log(E_i e^{-\ell_i} + E_b)` for :math:`i \ne b` (Tucker et al. 2017,
+    appendix). Differentiable in ``logits`` at fixed ``v`` and ``b``;
+    ``[*sample_shape, *hard.shape]``.
+    """
+    v = _uniform(torch.Size(sample_shape) + hard.shape, logits)
+    on = hard > 0.5
+    if family == "bernoulli":
+        log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+        log_v1 = torch.where(on, (-(1 - v) * log_p.exp()).log1p(), v.log() + log_1mp)
+        log_1mv1 = torch.where(on, (-v).log1p() + log_p, (-v * log_1mp.exp()).log1p())
+        return logits + log_v1 - log_1mv1
+    log_e = (-v.log()).log()  # log E, E ~ Exp(1)
+    log_e_hard = (log_e * hard).sum(-1, keepdim=True)
+    others = -torch.logaddexp(log_e - logits, log_e_hard)
+    return torch.where(on, -log_e_hard, others)
+
+
+def soften(z: Tensor, family: str, temperature: Tensor | float) -> Tensor:
+    """The relaxation of perturbed logits: ``sigmoid(z / tau)`` or ``softmax(z / tau)``."""
+    if family == "bernoulli":
+        return torch.sigmoid(z / temperature)
+    return torch.softmax(z / temperature, -1)
+
+
+def _positive_int(estimator: str, option: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{estimator}: option {option}={value!r} is invalid; allowed: an integer >= 1"
+        )
+    return value
+
+
+class StraightThrough(EstimatorBase):
+    r"""Straight-through: the hard sample forward, the identity to the probabilities backward.
+
+    .. math::
+        \hat g = \frac1S\sum_s \nabla_z f(b_s)\,\frac{\partial p}{\partial\theta},\qquad
+        b_s\sim q_\theta,\quad z = b_s + p - \mathrm{stop}(p)
+
+    with ``p`` the Bernoulli probabilities or the categorical probability vector.
+
+    Requirements: bernoulli or categorical; ``f`` differentiable in ``z`` at the discrete
+    points. **Biased** for ``q``'s parameters whenever ``f`` is nonlinear; unbiased for ``f``'s
+    own parameters (``grad f(b_s)``).
+
+    Args:
+      num_samples: default ``S`` (>= 1).
+
+    Returns:
+      :class:`Estimate` with shapes ``batch_shape`` and ``f_evals = S``.
+
+    Example:
+      >>> out = estimators.get("straight_through")(Bernoulli(logits=theta), f, num_samples=1)
+
+    References: Bengio, Léonard & Courville (2013), "Estimating or propagating gradients
+    through stochastic neurons for conditional computation".
+    """
+
+    name = "straight_through"
+    families = frozenset({"bernoulli", "categorical"})
+    unbiased = False
+
+    def estimate(
+        self,
+        dist: Distribution,
+        f: Objective,
+        num_samples: int,
+        family: str,
+        context: Tensor | None,
+    ) -> Estimate:
+        probs = base_of(dist).probs  # [*B, *E]
+        hard = dist.sample((num_samples,))  # [S, *B, *E]
+        fz = f(hard + (probs - probs.detach()))  # value exactly hard; gradient to probs
+        return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
+
+
+class GumbelRao(EstimatorBase):
+    r"""Gumbel-Rao: straight-through Gumbel-softmax, Rao-Blackwellized over the noise.
+
+    .. math::
+        \hat g = \frac1S\sum_s \nabla_z f(D_s)\,\frac1K\sum_{k=1}^K
+        \frac{\partial}{\partial\theta}\operatorname{softmax}\big((\theta+G_{sk})/\tau\big),
+        \qquad G_{sk}\sim \mathrm{Gumbel} \mid \arg\max(\theta + G) = D_s
+
+    The Jacobian is taken at fixed ``G`` (as in ST-Gumbel-softmax), so the mean equals
+    ST-Gumbel-softmax's and the variance is lower; ``K = 1`` has ST-Gumbel-softmax's law.
+    Bernoulli latents use the binary Concrete (logistic noise, sigmoid).
+
+    Requirements: bernoulli or categorical; ``f`` differentiable in ``z``. **Biased** (like
+    ST-Gumbel-softmax) for ``q``'s parameters; unbiased for ``f``'s own parameters.
+
+    Args:
+      temperature: ``tau > 0`` (buffer, so a schedule can update it in place).
+      num_rao_samples: conditional noise draws ``K`` per hard sample (>= 1).
+      num_samples: default ``S`` (>= 1).
+
+    Returns:
+      :class:`Estimate` with shapes ``batch_shape``; ``f`` is evaluated only at the hard samples,
+      ``f_evals = S``.
+
+    Example:
+      >>> est = estimators.get("gumbel_rao", temperature=0.5, num_rao_samples=10)
+
+    References: Paulus, Maddison & Krause (2021), "Rao-Blackwellizing the straight-through
+    Gumbel-softmax gradient estimator".
+    """
+
+    name = "gumbel_rao"
+    families = frozenset({"bernoulli", "categorical"})
+    unbiased = False
+
+    def __init__(
+        self, temperature: float = 1.0, num_rao_samples: int = 10, num_samples: int = 1
+    ) -> None:
+        super().__init__(num_samples)
+        temperature = positive_float(self.name, "temperature", temperature)
+        self.num_rao_samples = _positive_int(self.name, "num_rao_samples", num_rao_samples)
+        self.register_buffer("temperature", torch.tensor(temperature))
+
+    def estimate(
+        self,
+        dist: Distribution,
+        f: Objective,
+        num_samples: int,
+        family: str,
+        context: Tensor | None,
+    ) -> Estimate:
+        logits = base_of(dist).logits  # [*B, *E], normalized for categorical
+        dtype = logits.dtype
+        if dtype in _UPCAST:
+            logits = logits.float()
+        hard = dist.sample((num_samples,)).to(logits.dtype)  # [S, *B, *E]
+        with torch.no_grad():  # the noise is held fixed: no derivative through G
+            noise = conditional_perturb(logits, hard, family, (self.num_rao_samples,)) - logits
+        y = soften(logits + noise, family, self.temperature.to(logits)).mean(0)  # [S, *B, *E]
+        fz = f((hard + (y - y.detach())).to(dtype))  # value exactly hard
+        return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={float(self.temperature):g}, num_rao_samples={self.num_rao_samples},"
+            f" num_samples={self.num_samples}"
+        )
+
+
+@register("straight_through", StraightThrough.families)
+def straight_through(num_samples: int = 1) -> StraightThrough:
+    """Straight-through estimator (Bengio et al. 2013); see :class:`StraightThrough`."""
+    return StraightThrough(num_samples=num_samples)
+
+
+@register("gumbel_rao", GumbelRao.families)
+def gumbel_rao(
+    temperature: float = 1.0, num_rao_samples: int = 10, num_samples: int = 1
+) -> GumbelRao:
+    """Rao-Blackwellized ST-Gumbel-softmax (Paulus et al. 2021); see :class:`GumbelRao`."""
+    return GumbelRao(temperature, num_rao_samples, num_samples)
