@@ -43,3 +43,23 @@ def boolean(estimator: str, option: str, value: object) -> bool:
             f"{estimator}: option {option}={value!r} is invalid; allowed: true, false"
         )
     return value
+
+
+def finite_float(estimator: str, option: str, value: object) -> float:
+    """``value`` as a finite float, else ``ValueError``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(float(value)):
+        raise ValueError(
+            f"{estimator}: option {option}={value!r} is invalid; allowed: a finite number"
+        )
+    return float(value)
+
+
+def positive_int(estimator: str, option: str, value: object, allow_none: bool = False):
+    """``value`` if it is an int >= 1 (or None when ``allow_none``), else ``ValueError``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
+        raise ValueError(f"{estimator}: option {option}={value!r} is invalid; allowed: {allowed}")
+    return value

@@ -26,29 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from estimators._options import positive_float
+from estimators._options import finite_float, positive_float, positive_int
 from estimators.base import Estimate, EstimatorBase, Objective, base_of, reinterpreted_ndims
 from estimators.learned_baselines import skip_uninitialized
 from estimators.registry import register
 from estimators.relaxed import conditional_perturb, hard_of, perturb, soften
-
-
-def _finite_float(estimator: str, option: str, value: object) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(float(value)):
-        raise ValueError(
-            f"{estimator}: option {option}={value!r} is invalid; allowed: a finite number"
-        )
-    return float(value)
-
-
-def _positive_int(estimator: str, option: str, value: object, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
-        raise ValueError(f"{estimator}: option {option}={value!r} is invalid; allowed: {allowed}")
-    return value
 
 
 def _linearized(loss: Tensor, params: list[Tensor]) -> Tensor:
@@ -103,7 +85,7 @@ class REBAR(EstimatorBase):
     def __init__(self, temperature: float = 0.5, eta: float = 1.0, num_samples: int = 1):
         super().__init__(num_samples)
         temperature = positive_float(self.name, "temperature", temperature)
-        eta = _finite_float(self.name, "eta", eta)
+        eta = finite_float(self.name, "eta", eta)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         self.eta = nn.Parameter(torch.tensor(eta))
 
@@ -211,8 +193,8 @@ class RELAX(REBAR):
         num_samples: int = 1,
     ):
         super().__init__(temperature, eta, num_samples)
-        hidden = _positive_int(self.name, "hidden", hidden)
-        input_dim = _positive_int(self.name, "input_dim", input_dim, allow_none=True)
+        hidden = positive_int(self.name, "hidden", hidden)
+        input_dim = positive_int(self.name, "input_dim", input_dim, allow_none=True)
         first = nn.LazyLinear(hidden) if input_dim is None else nn.Linear(input_dim, hidden)
         self.net = nn.Sequential(first, nn.Tanh(), nn.Linear(hidden, 1))
         skip_uninitialized(self)

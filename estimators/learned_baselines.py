@@ -10,18 +10,9 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.nn.parameter import UninitializedParameter
 
-from estimators._options import boolean, unit_interval
+from estimators._options import boolean, positive_int, unit_interval
 from estimators.base import FAMILIES, Estimate, EstimatorBase, Objective, score_surrogate
 from estimators.registry import register
-
-
-def _positive_int(estimator: str, option: str, value: object, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "null or an integer >= 1" if allow_none else "an integer >= 1"
-        raise ValueError(f"{estimator}: option {option}={value!r} is invalid; allowed: {allowed}")
-    return value
 
 
 def skip_uninitialized(module: nn.Module) -> None:
@@ -100,8 +91,8 @@ class NVIL(EstimatorBase):
         num_samples: int = 1,
     ) -> None:
         super().__init__(num_samples)
-        hidden = _positive_int(self.name, "hidden", hidden)
-        context_dim = _positive_int(self.name, "context_dim", context_dim, allow_none=True)
+        hidden = positive_int(self.name, "hidden", hidden)
+        context_dim = positive_int(self.name, "context_dim", context_dim, allow_none=True)
         self.decay = unit_interval(self.name, "decay", decay)
         self.normalize = boolean(self.name, "normalize", normalize)
         first = nn.LazyLinear(hidden) if context_dim is None else nn.Linear(context_dim, hidden)

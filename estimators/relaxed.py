@@ -12,7 +12,7 @@ from torch.distributions import (
     RelaxedOneHotCategorical,
 )
 
-from estimators._options import boolean, positive_float
+from estimators._options import boolean, positive_float, positive_int
 from estimators.base import Estimate, EstimatorBase, Objective, base_of, reinterpreted_ndims
 from estimators.registry import register
 
@@ -190,14 +190,6 @@ def soften(z: Tensor, family: str, temperature: Tensor | float) -> Tensor:
     return torch.softmax(z / temperature, -1)
 
 
-def _positive_int(estimator: str, option: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{estimator}: option {option}={value!r} is invalid; allowed: an integer >= 1"
-        )
-    return value
-
-
 class StraightThrough(EstimatorBase):
     r"""Straight-through: the hard sample forward, the identity to the probabilities backward.
 
@@ -282,7 +274,7 @@ class GumbelRao(EstimatorBase):
     ) -> None:
         super().__init__(num_samples)
         temperature = positive_float(self.name, "temperature", temperature)
-        self.num_rao_samples = _positive_int(self.name, "num_rao_samples", num_rao_samples)
+        self.num_rao_samples = positive_int(self.name, "num_rao_samples", num_rao_samples)
         self.register_buffer("temperature", torch.tensor(temperature))
 
     def estimate(

@@ -1,0 +1,172 @@
+"""Structured-config schemas of ``gradbench-train``, registered in Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` is merged onto one of these dataclasses, so a misspelt key or a
+value of the wrong type fails when Hydra composes the config, before any work is done. Checks of
+*values* (allowed names, ranges, data files) happen in :func:`benchmarks.train.validate`.
+
+The estimator schemas are generated from the estimator registry: ``schema/estimator/<name>``
+has one field per option of ``estimators.get(name, ...)`` (typed by its default) plus the
+harness keys :data:`HARNESS_ESTIMATOR_KEYS`, so a new estimator needs only its YAML file
+``conf/estimator/<name>.yaml``. Estimators that keep a ``temperature`` buffer also get the keys
+of a temperature schedule (``anneal_rate``, ``min_temperature``, ``anneal_every``), which the
+harness applies and never passes to ``estimators.get``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+import estimators
+
+# Optional[...] rather than "X | None": OmegaConf 2.3 reads typing.Optional only.
+# ruff: noqa: UP045
+
+#: Keys under ``estimator.`` that belong to the harness, not to ``estimators.get``.
+HARNESS_ESTIMATOR_KEYS: tuple[str, ...] = ("name", "label")
+#: Keys of the temperature schedule, added for estimators with a ``temperature`` buffer.
+SCHEDULE_KEYS: tuple[str, ...] = ("anneal_rate", "min_temperature", "anneal_every")
+
+
+@dataclass
+class ModelConfig:
+    """The VAE (``benchmarks.vae.VAE``)."""
+
+    family: str = "bernoulli"  # latent family: gaussian | bernoulli | categorical
+    arch: str = "linear"  # linear (one linear map each way) | nonlinear (two hidden layers)
+    latent_dim: int = 200  # latent variables (categorical: number of variables)
+    n_categories: int = 10  # categories per variable (categorical family only)
+    hidden_dim: int = 200  # width of the two hidden layers (nonlinear arch only)
+    activation: str = "leaky_relu"  # hidden activation: leaky_relu | tanh
+    kl: str = "analytic"  # learning signal: analytic (log p(x|z) - KL) | sampled
+    init_output_bias: bool = True  # decoder output bias = logit(mean training image)
+
+
+@dataclass
+class DataConfig:
+    """The data set (``benchmarks.data``)."""
+
+    name: str = "mnist_subset"  # one of benchmarks.data.DATASETS
+    root: Optional[str] = None  # data root for file-based sets; null: $GRADBENCH_DATA or cache
+    binarization: str = "dynamic"  # dynamic (fresh draw per batch) | static (one fixed draw)
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer."""
+
+    name: str = "adam"  # only adam
+    lr: float = 1e-3  # learning rate (> 0)
+    batch_size: int = 100  # examples per step
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2)
+    eps: float = 1e-8  # Adam's epsilon
+    fused: Optional[bool] = None  # fused Adam kernel; null: use it where torch supports it
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation bounds on held-out splits (exact samples from q, estimator-independent)."""
+
+    every: int = 1000  # evaluate every N steps (and at steps 0 and final); 0: never
+    iwae_k: Optional[int] = None  # IWAE samples; null: 100 on small data, 1000 on full-size data
+    num_samples: int = 10  # samples per example of the evaluation ELBO
+    chunk: int = 100  # IWAE samples drawn at once (bounds memory)
+    batch_size: int = 500  # examples evaluated at once
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])  # splits to evaluate
+
+
+@dataclass
+class ProbeConfig:
+    """Gradient-variance probe (placeholder: ``every`` must stay 0 until the probe lands)."""
+
+    every: int = 0  # probe every N steps; 0: never
+    num_estimates: int = 100  # gradient estimates per probe
+    basket: list[str] = field(default_factory=list)  # estimator configs probed side by side
+
+
+@dataclass
+class DebugConfig:
+    """Test hooks that inject faults; leave them null outside tests."""
+
+    fail_at_step: Optional[int] = None  # raise RuntimeError at this step
+    nan_at_step: Optional[int] = None  # make the loss NaN at this step
+
+
+@dataclass
+class Config:
+    """The root config of one training run."""
+
+    estimator: Any = MISSING  # estimator name and options (schema/estimator/<name>)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    steps: int = 10_000  # optimizer steps
+    seed: int = 0  # seeds torch, numpy, random and the batch stream
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 500  # train and throughput rows every N steps
+    checkpoint_every: int = 5000  # checkpoint (and metrics file) every N steps; 0: at the end
+    threads: Optional[int] = None  # torch threads; null: leave torch's (or the launcher's) choice
+    progress: str = "auto"  # tqdm bar: auto (TTY, not CI, not multirun) | true | false
+
+
+def has_temperature_buffer(name: str) -> bool:
+    """Whether estimator ``name`` (with default options) keeps ``temperature`` in a buffer."""
+    try:
+        est = estimators.get(name)
+    except (TypeError, ValueError):
+        return False
+    return "temperature" in dict(est.named_buffers())
+
+
+def _field_type(default: object) -> Any:
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float, str)):
+        return type(default)
+    return Any
+
+
+def estimator_schema(name: str) -> type:
+    """A dataclass with the keys of ``conf/estimator/<name>.yaml``.
+
+    Fields: ``name`` (the registry name), ``label`` (a human label; null builds one from the
+    options), one field per option of the estimator typed by its default (an option without
+    a default is required), and, for estimators that keep a ``temperature`` buffer (a fixed,
+    schedulable temperature, not a learned one), the schedule ``anneal_rate`` (``r``; 0:
+    constant), ``min_temperature`` and ``anneal_every`` of ``tau = max(tau_min, tau0 e^{-r t})``.
+    """
+    fields: list[tuple[str, Any, Any]] = [
+        ("name", str, field(default=name)),
+        ("label", Optional[str], field(default=None)),
+    ]
+    for option, default in estimators.options(name).items():
+        if default is inspect.Parameter.empty:
+            fields.append((option, Any, field(default=MISSING)))
+        else:
+            fields.append((option, _field_type(default), field(default=default)))
+    if has_temperature_buffer(name):
+        fields += [
+            ("anneal_rate", float, field(default=0.0)),
+            ("min_temperature", float, field(default=0.5)),
+            ("anneal_every", int, field(default=1000)),
+        ]
+    return dataclasses.make_dataclass(f"EstimatorConfig_{name}", fields)
+
+
+def register_configs() -> None:
+    """Store the root schema (``base_config``) and each ``schema/estimator/<name>``."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name in estimators.available():
+        cs.store(group="schema/estimator", name=name, node=estimator_schema(name))
+
+
+register_configs()

@@ -1,0 +1,233 @@
+"""Run records: ``run.json`` (provenance and status) and tidy ``metrics.parquet``.
+
+Every file is written atomically: into a temporary file in the destination's own directory,
+flushed and fsynced, then moved over the destination with ``os.replace``. A reader (or a run
+killed mid-write) sees either the old file or the new one, never a torn one.
+
+``metrics.parquet`` has one row per (step, split, metric) with the columns :data:`COLUMNS`;
+it is rewritten in full at each checkpoint, so it always holds exactly the rows up to the last
+checkpoint (a diverged run's file holds the rows up to its last finite logging step).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import secrets
+import subprocess
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+#: Columns of ``metrics.parquet``, in order.
+COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "estimator",
+    "estimator_label",
+    "probe_estimator",
+    "family",
+    "dataset",
+    "model",
+    "seed",
+    "step",
+    "wall_time",
+    "f_evals",
+    "split",
+    "metric",
+    "value",
+)
+#: Columns that are the same on every row of one run.
+IDENTITY: tuple[str, ...] = (
+    "run_id",
+    "estimator",
+    "estimator_label",
+    "family",
+    "dataset",
+    "model",
+)
+STATUSES: tuple[str, ...] = ("running", "completed", "diverged", "failed")
+
+RUN_JSON = "run.json"
+
+# mkstemp creates files readable by the owner only; records get the usual umask permissions.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+METRICS = "metrics.parquet"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write(fh)`` on a temporary file next to ``path``, fsync it, then move it there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_UMASK)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temporary files that a killed writer left in ``directory``; return them."""
+    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n").encode()
+    )
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """``path``'s JSON object, or None if the file does not exist."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def new_run_id() -> str:
+    """A unique run id: UTC start time, process id and a random suffix."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def now_iso() -> str:
+    """The current UTC time in ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and the packages a run depends on (None when not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "pandas", "pyarrow", "hydra-core", "omegaconf", "gradbench"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state(repo: Path | None = None) -> dict[str, Any]:
+    """``{"git_commit": sha | None, "git_dirty": bool | None}`` of the gradbench checkout."""
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": bool(status.strip()) if status is not None else None,
+    }
+
+
+class MetricsLog:
+    """The tidy metric rows of one run, kept in memory and written in full.
+
+    Args:
+      identity: the per-run columns (:data:`IDENTITY` and ``seed``).
+    """
+
+    def __init__(self, identity: dict[str, Any]) -> None:
+        self.identity = {k: identity[k] for k in (*IDENTITY, "seed")}
+        self.rows: list[tuple[int, float, int, str, str, float]] = []
+
+    def add(
+        self, step: int, wall_time: float, f_evals: int, split: str, metric: str, value: float
+    ) -> None:
+        """Append one row (``value`` a Python float)."""
+        self.rows.append((step, wall_time, f_evals, split, metric, float(value)))
+
+    def truncate(self, last_step: int) -> None:
+        """Drop rows with ``step > last_step`` (those after the checkpoint being resumed)."""
+        self.rows = [r for r in self.rows if r[0] <= last_step]
+
+    def frame(self) -> pd.DataFrame:
+        """All rows as a DataFrame with the columns :data:`COLUMNS`."""
+        body = pd.DataFrame(
+            self.rows, columns=["step", "wall_time", "f_evals", "split", "metric", "value"]
+        )
+        df = pd.DataFrame({k: pd.Series([v] * len(body), dtype=object) for k, v in
+                           self.identity.items()})  # fmt: skip
+        df = pd.concat([df, body], axis=1)
+        df["probe_estimator"] = ""
+        for col in (*IDENTITY, "probe_estimator", "split", "metric"):
+            df[col] = df[col].astype(str)
+        df = df.astype({"seed": "int64", "step": "int64", "f_evals": "int64"})
+        df = df.astype({"wall_time": "float64", "value": "float64"})
+        return df[list(COLUMNS)]
+
+    def write(self, path: Path) -> None:
+        """Write all rows to ``path`` (parquet) atomically."""
+        buf = io.BytesIO()
+        self.frame().to_parquet(buf, index=False)
+        atomic_write_bytes(path, buf.getvalue())
+
+    def load(self, path: Path) -> None:
+        """Replace the rows by those of ``path`` (a file this class wrote)."""
+        df = pd.read_parquet(path)
+        cols = ["step", "wall_time", "f_evals", "split", "metric", "value"]
+        self.rows = [
+            (int(s), float(w), int(f), str(sp), str(m), float(v))
+            for s, w, f, sp, m, v in df[cols].itertuples(index=False, name=None)
+        ]
+
+
+class RunRecord:
+    """``run.json``: what the run is, where it stands, and where it came from.
+
+    Keys: ``run_id``, ``status`` (:data:`STATUSES`), ``reason`` and ``traceback`` (failed or
+    diverged runs), ``estimator``, ``estimator_label``, ``family``, ``dataset``, ``model``,
+    ``seed``, ``device``, ``config`` (resolved), ``overrides``, ``versions``, ``git_commit``,
+    ``git_dirty``, ``start_time``, ``end_time``, ``last_step``, ``resumed_from`` (steps of
+    each resume), ``run_dir``, ``loss`` and ``wall_time`` (what those numbers mean).
+    """
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.data = data
+
+    @classmethod
+    def load(cls, path: Path) -> RunRecord | None:
+        """The record at ``path``, or None if there is none."""
+        data = read_json(path)
+        return None if data is None else cls(path, data)
+
+    def update(self, **fields: Any) -> None:
+        """Set ``fields`` and rewrite the file atomically."""
+        self.data.update(fields)
+        write_json(self.path, self.data)
+
+    @property
+    def status(self) -> str | None:
+        """The recorded status."""
+        return self.data.get("status")
