@@ -382,6 +382,36 @@ def params_finite(params: list[torch.nn.Parameter]) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
 
 
+# ------------------------------------------------------------------------- one step
+
+
+def estimate_loss(
+    model: VAE,
+    estimator: estimators.EstimatorBase,
+    x: torch.Tensor,
+    kl: str,
+    num_samples: int | None,
+) -> tuple[torch.Tensor, estimators.Estimate]:
+    """The training loss on batch ``x`` and the estimator's output.
+
+    ``loss = -(1/B) sum_b surrogate_b + aux_loss``: its gradient is minus the estimator's
+    estimate of the gradient of the batch-mean objective, plus the estimator's own loss.
+    """
+    q = model.encode(x)
+    out = estimator(q, model.learning_signal(x, q, kl), num_samples=num_samples, context=x)
+    loss = -out.surrogate.sum() / x.shape[0]
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
+    return loss, out
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Backpropagate ``loss`` and take one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -579,19 +609,12 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
             if schedule is not None and step % schedule.every == 0:
                 schedule.apply(estimator.temperature, step)
             x = stream.next()  # [B, D]
-            q = model.encode(x)
-            f = model.learning_signal(x, q, kl)
-            out = estimator(q, f, num_samples=num_samples, context=x)
-            loss = -out.surrogate.sum() / batch_size
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
+            loss, out = estimate_loss(model, estimator, x, kl, num_samples)
             if step + 1 == nan_at:
                 loss = loss * float("nan")
             if step + 1 == fail_at:
                 raise RuntimeError(f"debug.fail_at_step={step + 1}: injected failure")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss)
             step += 1
             f_evals += out.f_evals
             window.add(loss, out.objective.mean())
