@@ -82,11 +82,26 @@ class EvalConfig:
 
 @dataclass
 class ProbeConfig:
-    """Gradient-variance probe (placeholder: ``every`` must stay 0 until the probe lands)."""
+    """Gradient-variance probe (:mod:`benchmarks.probe`) during training.
 
-    every: int = 0  # probe every N steps; 0: never
-    num_estimates: int = 100  # gradient estimates per probe
-    basket: list[str] = field(default_factory=list)  # estimator configs probed side by side
+    Every ``every`` steps (and at the last step) the run's own estimator and each estimator of
+    ``basket`` draw ``num_estimates`` gradient estimates of the encoder at the same parameters
+    on one fixed probe batch; ``split=probe`` rows record variance, SNR, bias, MSE and cosine
+    (each with ``<metric>_se``). With probing on, ``train/grad_var_ema`` also records the
+    moving-average variance of the training gradient along the run's own trajectory.
+    """
+
+    every: int = 0  # probe every N steps and at the end; 0: never
+    num_estimates: int = 100  # gradient estimates M per estimator per probe (>= 2 * groups)
+    # other estimators probed at the same parameters and batch: registry names, or mappings
+    # {name: ..., <options>} (e.g. {name: rloo, num_samples: 8})
+    basket: list[Any] = field(default_factory=list)
+    reference: str = "auto"  # auto | exact | none | <registry name>: the reference gradient
+    reference_samples: int = 20  # samples per estimate of a Monte Carlo reference
+    reference_estimates: int = 100  # estimates averaged into a Monte Carlo reference
+    groups: int = 20  # jackknife groups for the standard errors
+    chunk: int = 100  # estimates computed at once (bounds memory)
+    ema_decay: float = 0.999  # decay of train/grad_var_ema (REBAR/DisARM papers); 0: off
 
 
 @dataclass

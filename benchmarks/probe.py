@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,11 @@ METRICS = (
     "grad_mse",
     "grad_cos",
 )
+
+#: ``auto`` references enumerate at most this many configurations per example (cost ~ C x B).
+AUTO_EXACT_CONFIGS = 2**12
+#: Decoder rows (configurations x examples) evaluated at once by the exact reference.
+EXACT_ROWS = 2**16
 
 #: The gradient that is probed: of the batch-mean objective (1/B) sum_b E_q[f_b].
 NORMALIZATION = "batch_mean"
@@ -194,11 +199,15 @@ class Reference:
     moments: GroupedMoments | None = None
 
 
-def exact_reference(model: nn.Module, x: Tensor, kl: str = "analytic") -> Reference:
+def exact_reference(
+    model: nn.Module, x: Tensor, kl: str = "analytic", max_configs: int = MAX_CONFIGS
+) -> Reference:
     """The exact gradient of the batch-mean objective by enumerating the latent space."""
     params = [p for _, p in _encoder_params(model)]
     q = model.distribution(model.encoder(x))
-    value = estimators.exact.expectation(q, model.learning_signal(x, q, kl)).sum() / x.shape[0]
+    f = model.learning_signal(x, q, kl)
+    chunk = max(1, EXACT_ROWS // x.shape[0])  # bounds memory: chunk x B decoder rows at once
+    value = estimators.exact.expectation(q, f, max_configs, chunk_size=chunk).sum() / x.shape[0]
     grads = torch.autograd.grad(value, params)
     flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu()
     return Reference(flat, torch.zeros_like(flat), "exact")
@@ -214,7 +223,7 @@ def reference_gradient(
     num_estimates: int = 200,
     groups: int = 20,
     chunk: int = 50,
-    max_configs: int = MAX_CONFIGS,
+    max_configs: int = AUTO_EXACT_CONFIGS,
 ) -> Reference:
     """Reference gradient: ``exact`` (enumeration), a registry name (the mean of
     ``num_estimates`` estimates with ``num_samples`` samples each), or ``auto`` (exact when
@@ -228,7 +237,7 @@ def reference_gradient(
         )
         method = "exact" if enumerable else ("reparam" if family == "gaussian" else "rloo")
     if method == "exact":
-        return exact_reference(model, x, kl)
+        return exact_reference(model, x, kl, max(max_configs, MAX_CONFIGS))
     est = estimators.get(method, num_samples=num_samples)
     moments = gradient_moments(model, x, est, num_estimates, kl=kl, groups=groups, chunk=chunk)
     mean, var, n = moments.leave_one_out()
@@ -326,3 +335,129 @@ def probe_basket(
             }
         )
     return rows
+
+
+# ------------------------------------------------------------------- probing during training
+
+
+def basket_entry(entry: object) -> dict:
+    """A basket entry (a registry name or a mapping with ``name`` and options) as a dict."""
+    if isinstance(entry, str):
+        return {"name": entry}
+    if isinstance(entry, Mapping) and "name" in entry:
+        return dict(entry)
+    raise ValueError(
+        f"probe.basket entry {entry!r} is invalid; allowed: a registry name "
+        f"({', '.join(estimators.available())}) or a mapping with 'name' and options"
+    )
+
+
+def build_estimator(entry: dict, family: str, where: str) -> nn.Module:
+    """``estimators.get`` for a basket entry, checking that it supports ``family``."""
+    options = {k: v for k, v in entry.items() if k not in ("name", "label")}
+    est = estimators.get(entry["name"], **options)
+    if family not in est.families:
+        raise ValueError(
+            f"{where}={entry['name']!r} does not support model.family={family!r}; allowed: "
+            f"{', '.join(estimators.supporting(family))}"
+        )
+    return est
+
+
+class ProbeRunner:
+    """Probes a run's estimator and a basket of others on one fixed batch, during training.
+
+    Args:
+      basket: ``[(label, estimator)]`` probed beside the run's own estimator (built and
+        validated before training starts).
+      batch: the fixed probe batch ``[B, D]`` (binarized once), on the run's device.
+      num_estimates, groups, chunk: see :func:`gradient_moments`.
+      reference: ``auto`` | ``exact`` | ``none`` | a registry name (see
+        :func:`reference_gradient`), with ``reference_samples`` / ``reference_estimates``.
+      kl: the model's learning signal (``analytic`` | ``sampled``).
+
+    Probing draws its randomness from its own stream, seeded by (run seed, step), and
+    restores the global RNG state afterwards: it never changes the training trajectory.
+    """
+
+    def __init__(
+        self,
+        basket: Sequence[tuple[str, nn.Module]],
+        batch: Tensor,
+        *,
+        num_estimates: int,
+        groups: int,
+        chunk: int,
+        reference: str,
+        reference_samples: int,
+        reference_estimates: int,
+        kl: str,
+    ) -> None:
+        self.basket = list(basket)
+        self.batch = batch
+        self.num_estimates, self.groups, self.chunk = num_estimates, groups, chunk
+        self.reference, self.kl = reference, kl
+        self.reference_samples, self.reference_estimates = reference_samples, reference_estimates
+
+    def __call__(
+        self, model: nn.Module, own: tuple[str, nn.Module], seed: int
+    ) -> list[dict[str, float | str]]:
+        """Rows ``{probe_estimator, param, metric, value, f_evals}`` at the current params."""
+        device = self.batch.device
+        devices = [device] if device.type == "cuda" else []
+        basket = [own, *(b for b in self.basket if b[0] != own[0])]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            ref = None
+            if self.reference != "none":
+                ref = reference_gradient(
+                    model, self.batch, kl=self.kl, method=self.reference,
+                    num_samples=self.reference_samples, num_estimates=self.reference_estimates,
+                    groups=self.groups, chunk=max(1, self.chunk // self.reference_samples),
+                )  # fmt: skip
+            return probe_basket(
+                model, self.batch, basket, num_estimates=self.num_estimates, kl=self.kl,
+                reference=ref, groups=self.groups, chunk=self.chunk,
+            )  # fmt: skip
+
+
+class GradientEMA:
+    r"""Moving-average variance of the training gradient along the run's own trajectory.
+
+    With :math:`m_t = d\,m_{t-1} + (1-d) g_t` and :math:`v_t = d\,v_{t-1} + (1-d) g_t^2`
+    (bias-corrected by :math:`1-d^t`), reports the mean over coordinates of
+    :math:`v_t - m_t^2`, as in the REBAR and DisARM papers. It mixes the drift of the mean
+    gradient along the trajectory into the "variance"; the probe's ``grad_var`` does not.
+    """
+
+    def __init__(self, params: Sequence[Tensor], decay: float = 0.999) -> None:
+        self.params = list(params)
+        self.decay = decay
+        size = sum(p.numel() for p in self.params)
+        like = self.params[0]
+        self.mean = torch.zeros(size, device=like.device, dtype=like.dtype)
+        self.sq = torch.zeros_like(self.mean)
+        self.count = 0
+
+    def update(self) -> None:
+        """Fold in the current ``.grad`` of the parameters (no host sync)."""
+        g = torch.cat([p.grad.reshape(-1) for p in self.params])
+        self.mean.mul_(self.decay).add_(g, alpha=1 - self.decay)
+        self.sq.mul_(self.decay).addcmul_(g, g, value=1 - self.decay)
+        self.count += 1
+
+    def value(self) -> float:
+        """Mean over coordinates of the bias-corrected moving variance (a host sync)."""
+        correction = 1 - self.decay**self.count
+        mean, sq = self.mean / correction, self.sq / correction
+        return float((sq - mean**2).clamp_min(0).mean())
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        """The moving moments, for checkpoints (so a resumed run logs the same values)."""
+        return {"mean": self.mean.cpu().clone(), "sq": self.sq.cpu().clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.mean.copy_(state["mean"])
+        self.sq.copy_(state["sq"])
+        self.count = int(state["count"])

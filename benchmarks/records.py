@@ -32,6 +32,7 @@ COLUMNS: tuple[str, ...] = (
     "estimator",
     "estimator_label",
     "probe_estimator",
+    "param",
     "family",
     "dataset",
     "model",
@@ -43,6 +44,10 @@ COLUMNS: tuple[str, ...] = (
     "metric",
     "value",
 )
+#: Columns that vary from row to row, in the order MetricsLog keeps them.
+_ROW_COLUMNS = (
+    "step", "wall_time", "f_evals", "split", "metric", "value", "probe_estimator", "param",
+)  # fmt: skip
 #: Columns that are the same on every row of one run.
 IDENTITY: tuple[str, ...] = (
     "run_id",
@@ -159,13 +164,24 @@ class MetricsLog:
 
     def __init__(self, identity: dict[str, Any]) -> None:
         self.identity = {k: identity[k] for k in (*IDENTITY, "seed")}
-        self.rows: list[tuple[int, float, int, str, str, float]] = []
+        self.rows: list[tuple[int, float, int, str, str, float, str, str]] = []
 
     def add(
-        self, step: int, wall_time: float, f_evals: int, split: str, metric: str, value: float
+        self,
+        step: int,
+        wall_time: float,
+        f_evals: int,
+        split: str,
+        metric: str,
+        value: float,
+        probe_estimator: str = "",
+        param: str = "",
     ) -> None:
-        """Append one row (``value`` a Python float)."""
-        self.rows.append((step, wall_time, f_evals, split, metric, float(value)))
+        """Append one row (``value`` a Python float). Probe rows name the probed estimator's
+        label and the parameter tensor (``all`` for every encoder parameter together)."""
+        self.rows.append(
+            (step, wall_time, f_evals, split, metric, float(value), probe_estimator, param)
+        )
 
     def truncate(self, last_step: int) -> None:
         """Drop rows with ``step > last_step`` (those after the checkpoint being resumed)."""
@@ -173,14 +189,11 @@ class MetricsLog:
 
     def frame(self) -> pd.DataFrame:
         """All rows as a DataFrame with the columns :data:`COLUMNS`."""
-        body = pd.DataFrame(
-            self.rows, columns=["step", "wall_time", "f_evals", "split", "metric", "value"]
-        )
+        body = pd.DataFrame(self.rows, columns=list(_ROW_COLUMNS))
         df = pd.DataFrame({k: pd.Series([v] * len(body), dtype=object) for k, v in
                            self.identity.items()})  # fmt: skip
         df = pd.concat([df, body], axis=1)
-        df["probe_estimator"] = ""
-        for col in (*IDENTITY, "probe_estimator", "split", "metric"):
+        for col in (*IDENTITY, "probe_estimator", "param", "split", "metric"):
             df[col] = df[col].astype(str)
         df = df.astype({"seed": "int64", "step": "int64", "f_evals": "int64"})
         df = df.astype({"wall_time": "float64", "value": "float64"})
@@ -195,10 +208,14 @@ class MetricsLog:
     def load(self, path: Path) -> None:
         """Replace the rows by those of ``path`` (a file this class wrote)."""
         df = pd.read_parquet(path)
-        cols = ["step", "wall_time", "f_evals", "split", "metric", "value"]
+        for col in ("probe_estimator", "param"):  # files written before these columns
+            if col not in df:
+                df[col] = ""
         self.rows = [
-            (int(s), float(w), int(f), str(sp), str(m), float(v))
-            for s, w, f, sp, m, v in df[cols].itertuples(index=False, name=None)
+            (int(s), float(w), int(f), str(sp), str(m), float(v), str(pe), str(pa))
+            for s, w, f, sp, m, v, pe, pa in df[list(_ROW_COLUMNS)].itertuples(
+                index=False, name=None
+            )
         ]
 
 

@@ -52,6 +52,8 @@ from benchmarks.data import (
     eval_binarized,
     load_dataset,
 )
+from benchmarks.probe import GradientEMA, ProbeRunner, basket_entry
+from benchmarks.probe import build_estimator as build_probe_estimator
 from benchmarks.records import (
     METRICS,
     RUN_JSON,
@@ -146,7 +148,19 @@ def validate(cfg: DictConfig) -> None:
     _require(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, "an integer >= 1")
     for split in ev.splits:
         _require(split in EVAL_SPLITS, "eval.splits", split, ", ".join(EVAL_SPLITS))
-    _require(cfg.probe.every == 0, "probe.every", cfg.probe.every, "0 (the probe is not built)")
+    pr = cfg.probe
+    _require(pr.every >= 0, "probe.every", pr.every, "an integer >= 0 (0: never)")
+    _require(pr.groups >= 2, "probe.groups", pr.groups, "an integer >= 2")
+    ok = pr.num_estimates >= 2 * pr.groups
+    _require(ok, "probe.num_estimates", pr.num_estimates, f">= 2 * probe.groups = {2 * pr.groups}")
+    _require(pr.chunk >= 1, "probe.chunk", pr.chunk, "an integer >= 1")
+    ok = _is_number(pr.ema_decay) and 0 <= pr.ema_decay < 1
+    _require(ok, "probe.ema_decay", pr.ema_decay, "a number in [0, 1) (0: off)")
+    refs = ("auto", "exact", "none", *estimators.available())
+    _require(pr.reference in refs, "probe.reference", pr.reference, ", ".join(refs))
+    _require(pr.reference_samples >= 1, "probe.reference_samples", pr.reference_samples, ">= 1")
+    ok = pr.reference_estimates >= 2 * pr.groups
+    _require(ok, "probe.reference_estimates", pr.reference_estimates, ">= 2 * probe.groups")
     for key in ("fail_at_step", "nan_at_step"):
         value = cfg.debug[key]
         _require(value is None or value >= 1, f"debug.{key}", value, "null or an integer >= 1")
@@ -382,6 +396,38 @@ def params_finite(params: list[torch.nn.Parameter]) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
 
 
+def build_probe(
+    cfg: DictConfig, data: Dataset, device: torch.device
+) -> tuple[ProbeRunner | None, bool | None]:
+    """The probe of ``cfg.probe`` (None when ``probe.every`` is 0), its basket built and
+    checked before training, and whether to track ``train/grad_var_ema``.
+
+    The probe batch is the first ``optim.batch_size`` training examples, binarized once.
+    """
+    pr = cfg.probe
+    if pr.every == 0:
+        return None, None
+    basket = []
+    family = cfg.model.family
+    for i, raw in enumerate(OmegaConf.to_container(pr.basket, resolve=True)):
+        try:
+            entry = basket_entry(raw)
+            if entry["name"] in estimators.available():  # defaults make labels comparable
+                entry = {**estimators.options(entry["name"]), **entry}
+            est = build_probe_estimator(entry, family, f"probe.basket[{i}]")
+        except ValueError as err:
+            raise ConfigError(f"probe.basket[{i}]: {err}") from err
+        label = entry.get("label") or estimator_label(entry, None)
+        basket.append((label, est.to(device)))
+    batch = eval_binarized(data.train[: cfg.optim.batch_size], cfg.data.binarization, seed=2)
+    runner = ProbeRunner(
+        basket, batch.to(device), num_estimates=pr.num_estimates, groups=pr.groups,
+        chunk=pr.chunk, reference=pr.reference, reference_samples=pr.reference_samples,
+        reference_estimates=pr.reference_estimates, kl=cfg.model.kl,
+    )  # fmt: skip
+    return runner, (True if pr.ema_decay > 0 else None)
+
+
 # ------------------------------------------------------------------------- one step
 
 
@@ -492,6 +538,9 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         params = [*model.parameters(), *estimator.parameters()]
         optimizer, fused = make_optimizer(params, cfg.optim)
         batch_size = cfg.optim.batch_size
+        prober, grad_ema = build_probe(cfg, data, device)
+        if grad_ema is not None:
+            grad_ema = GradientEMA(list(model.encoder.parameters()), cfg.probe.ema_decay)
         try:
             stream = BatchStream(data.train, batch_size, cfg.data.binarization, cfg.seed, device)
         except ValueError as err:
@@ -529,6 +578,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         estimator.load_state_dict(state["estimator"])
         stream.load_state_dict(state["stream"])
         window.load_state_dict(state["window"])
+        if grad_ema is not None:
+            grad_ema.load_state_dict(state["grad_ema"])
         checkpoint.set_rng_state(state["rng"], device)
         step, f_evals, train_time = state["step"], state["f_evals"], state["train_time"]
         metrics.load(metrics_path)
@@ -557,9 +608,11 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         run_dir=str(run_dir.resolve()),
     )
 
-    def add_rows(at: int, rows: dict[tuple[str, str], float]) -> None:
+    def add_rows(
+        at: int, rows: dict[tuple[str, str], float], probe_estimator: str = "", param: str = ""
+    ) -> None:
         for (split, metric), value in rows.items():
-            metrics.add(at, train_time, f_evals, split, metric, value)
+            metrics.add(at, train_time, f_evals, split, metric, value, probe_estimator, param)
 
     def save_checkpoint() -> None:
         metrics.write(metrics_path)  # first the rows, then the state they belong to
@@ -568,6 +621,7 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "estimator": estimator.state_dict(), "stream": stream.state_dict(),
             "window": window.state_dict(), "rng": checkpoint.rng_state(device),
+            "grad_ema": grad_ema.state_dict() if grad_ema is not None else {},
         })  # fmt: skip
         record.update(last_step=step)
 
@@ -596,6 +650,7 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
     # Config values are read into locals once: a DictConfig lookup costs ~10 us.
     steps, log_every, eval_every = cfg.steps, cfg.log_every, cfg.eval.every
     ckpt_every, kl = cfg.checkpoint_every, cfg.model.kl
+    probe_every = cfg.probe.every
     nan_at, fail_at = cfg.debug.nan_at_step, cfg.debug.fail_at_step
     show = show_progress(cfg.progress, multirun)
     bar = tqdm(total=steps, initial=step, disable=not show)
@@ -615,6 +670,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
             if step + 1 == fail_at:
                 raise RuntimeError(f"debug.fail_at_step={step + 1}: injected failure")
             optimizer_step(optimizer, loss)
+            if grad_ema is not None:
+                grad_ema.update()
             step += 1
             f_evals += out.f_evals
             window.add(loss, out.objective.mean())
@@ -623,7 +680,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
             log_now = step % log_every == 0 or step == steps
             eval_now = eval_every > 0 and (step % eval_every == 0 or step == steps)
             ckpt_now = step == steps or (ckpt_every > 0 and step % ckpt_every == 0)
-            if not (log_now or eval_now or ckpt_now):
+            probe_now = probe_every > 0 and (step % probe_every == 0 or step == steps)
+            if not (log_now or eval_now or ckpt_now or probe_now):
                 continue
 
             # A sync point: check for divergence, then log, evaluate and checkpoint.
@@ -648,6 +706,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                 }
                 if schedule is not None:
                     rows[("train", "temperature")] = schedule(step - 1)
+                if grad_ema is not None:
+                    rows[("train", "grad_var_ema")] = grad_ema.value()
                 add_rows(step, rows)
                 window.reset(step, f_evals, train_time)
                 objective = rows[("train", objective_metric)]
@@ -662,6 +722,13 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                 add_rows(step, rows)
                 summary = " | ".join(f"{s}/{m} {v:.3f}" for (s, m), v in rows.items())
                 log.info("step %d | %s", step, summary)
+            if probe_now:
+                started = time.perf_counter()
+                own = (label, estimator)
+                for r in prober(model, own, eval_seed(cfg.seed, step) + 1):
+                    where = (str(r["probe_estimator"]), str(r["param"]))
+                    add_rows(step, {("probe", str(r["metric"])): float(r["value"])}, *where)
+                add_rows(step, {("probe", "seconds"): time.perf_counter() - started})
             if ckpt_now:
                 save_checkpoint()
             tick = time.perf_counter()

@@ -24,7 +24,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from benchmarks.report._io import atomic_write
-from benchmarks.report.records import FACET_COLUMNS, config_value, final_values, primary_rows
+from benchmarks.report.records import (
+    FACET_COLUMNS,
+    config_value,
+    final_values,
+    main_series,
+    primary_rows,
+)
 from benchmarks.report.style import (
     DOUBLE_COLUMN_IN,
     DPI,
@@ -421,9 +427,7 @@ def basket_figure(
     if (rows["probe_label"] == rows["estimator_label"]).all():
         result.skipped = "probe/grad_var only measures each run's own estimator (no basket)"
         return result
-    for col in ("stat", "param"):
-        if col in rows and (rows[col] == "").any():
-            rows = rows[rows[col] == ""]
+    rows = main_series(rows)
     frame = rows[[*FACET_COLUMNS, "estimator_label", "probe_label", "run_id"]].assign(
         x=rows["step"].astype(float), y=np.log10(rows["value"])
     )

@@ -226,6 +226,15 @@ def _identity_from_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def main_series(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the main series: ``stat`` empty, and ``param`` empty or ``all`` (probe rows
+    carry one row per parameter tensor plus ``all`` for every encoder parameter together)."""
+    for col, main in (("stat", ("",)), ("param", ("", "all"))):
+        if col in rows and rows[col].isin(main).any():
+            rows = rows[rows[col].isin(main)]
+    return rows
+
+
 def _read_metrics(path: Path) -> tuple[pd.DataFrame | None, str | None]:
     """The run's metrics table, or ``None`` and why not."""
     for name, reader in (("metrics.parquet", pd.read_parquet), ("metrics.csv", pd.read_csv)):
@@ -485,8 +494,9 @@ def primary_rows(df: pd.DataFrame) -> pd.DataFrame:
 
     A probe row is the run's own when its ``probe_label`` equals the run's label (or, if the
     basket names estimators by registry name, the run's ``estimator``). For the optional
-    ``stat``/``param`` columns, rows with an empty value are kept for every metric that has
-    them; metrics that only come with non-empty values keep all their rows (averaged later).
+    ``stat``/``param`` columns, rows with an empty value (``param``: empty or ``all``, the
+    probe's value over every encoder parameter) are kept for every metric that has them;
+    metrics that only come with other values keep all their rows (averaged later).
     """
     keep = df["split"] != "probe"
     if "probe_label" in df:
@@ -497,9 +507,9 @@ def primary_rows(df: pd.DataFrame) -> pd.DataFrame:
     out = df[keep]
     for col in SUBSERIES_COLUMNS:
         if col in out:
-            empty = out[col] == ""
-            any_empty = empty.groupby([out["split"], out["metric"]]).transform("any")
-            out = out[empty | ~any_empty]
+            main = out[col].isin(("", "all") if col == "param" else ("",))
+            any_main = main.groupby([out["split"], out["metric"]]).transform("any")
+            out = out[main | ~any_main]
     return out
 
 

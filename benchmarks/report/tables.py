@@ -23,6 +23,7 @@ from benchmarks.report.records import (
     QUANTITY_BY_KEY,
     Quantity,
     final_values,
+    main_series,
 )
 
 GROUP = [*FACET_COLUMNS, "estimator_label"]
@@ -292,9 +293,7 @@ def basket_table(df: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> TableRe
     rows = done[(done["metric"] == "grad_var") & (done["value"] > 0)]
     if rows.empty or (rows["probe_label"] == rows["estimator_label"]).all():
         return None
-    for col in ("stat", "param"):
-        if col in rows and (rows[col] == "").any():
-            rows = rows[rows[col] == ""]
+    rows = main_series(rows)
     last = rows[rows["step"] == rows.groupby("run_id")["step"].transform("max")]
     last = last.groupby([*GROUP, "probe_label", "run_id"], as_index=False)["value"].mean()
     last["value"] = np.log10(last["value"])
