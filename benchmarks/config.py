@@ -128,6 +128,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 500  # train and throughput rows every N steps
     checkpoint_every: int = 5000  # checkpoint (and metrics file) every N steps; 0: at the end
+    snapshot_every: int = 0  # keep model snapshots every N steps (gradbench-probe); 0: none
     threads: Optional[int] = None  # torch threads; null: leave torch's (or the launcher's) choice
     progress: str = "auto"  # tqdm bar: auto (TTY, not CI, not multirun) | true | false
 

@@ -32,11 +32,16 @@ gradients, whose first and second moments are accumulated per group without keep
 from __future__ import annotations
 
 import copy
+import io
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 import estimators
@@ -461,3 +466,193 @@ class GradientEMA:
         self.mean.copy_(state["mean"])
         self.sq.copy_(state["sq"])
         self.count = int(state["count"])
+
+
+# ------------------------------------------------------------ the trajectory probe (CLI)
+
+#: File of a run directory holding the rows of ``gradbench-probe`` (same columns as metrics).
+TRAJECTORY_FILE = "probe_trajectory.parquet"
+
+
+def parse_estimator_spec(spec: str) -> dict:
+    """``name`` or ``name:key=value,key=value`` (values parsed as YAML scalars) as a dict."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    entry: dict = {"name": name}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--estimators entry {spec!r}: expected key=value, got {item!r}")
+        entry[key] = yaml.safe_load(value)
+    return entry
+
+
+def probe_trajectory(
+    run_dir: Path,
+    specs: Sequence[str],
+    *,
+    num_estimates: int = 100,
+    reference: str = "auto",
+    reference_samples: int = 20,
+    reference_estimates: int = 100,
+    groups: int = 20,
+    chunk: int = 100,
+    device: str = "cpu",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Probe the estimators ``specs`` at every model snapshot of ``run_dir``.
+
+    The cross-estimator variance-versus-progress curve: every estimator is measured at the
+    same parameters (the snapshots of one shared training trajectory) on the same fixed probe
+    batch (the run's own probe batch). Returns tidy rows with the metrics columns.
+    """
+    from benchmarks import checkpoint
+    from benchmarks.records import COLUMNS, RunRecord
+    from benchmarks.train import SNAPSHOTS, build_model, estimator_label, load_data
+
+    record = RunRecord.load(run_dir / "run.json")
+    if record is None or "config" not in record.data:
+        raise FileNotFoundError(f"{run_dir / 'run.json'} not found or has no config")
+    cfg = OmegaConf.create(record.data["config"])
+    snapshots = sorted((run_dir / SNAPSHOTS).glob("step_*.pt"))
+    if not snapshots:
+        raise FileNotFoundError(
+            f"no model snapshots in {run_dir / SNAPSHOTS}; train with snapshot_every=N"
+        )
+    torch_device = torch.device(device)
+    data = load_data(cfg)
+    model = build_model(cfg, data).to(torch_device)
+    family = cfg.model.family
+    basket = []
+    for i, spec in enumerate(specs):
+        entry = parse_estimator_spec(spec)
+        if entry["name"] in estimators.available():
+            entry = {**estimators.options(entry["name"]), **entry}
+        est = build_estimator(entry, family, f"--estimators[{i}]").to(torch_device)
+        basket.append((entry.get("label") or estimator_label(entry, None), est))
+    batch = eval_binarized_probe_batch(cfg, data).to(torch_device)
+    runner = ProbeRunner(
+        basket[1:], batch, num_estimates=num_estimates, groups=groups, chunk=chunk,
+        reference=reference, reference_samples=reference_samples,
+        reference_estimates=reference_estimates, kl=cfg.model.kl,
+    )  # fmt: skip
+    keys = ("run_id", "estimator", "estimator_label", "family", "dataset", "model")
+    identity = {k: record.data.get(k) for k in keys}
+    rows = []
+    for path in snapshots:
+        state = checkpoint.load(path)
+        model.load_state_dict(state["model"])
+        for _, est in basket:
+            warm_up(est, model, batch, cfg.model.kl)
+        for r in runner(model, basket[0], seed * 1_000_003 + int(state["step"])):
+            rows.append({**identity, "seed": int(cfg.seed), "step": int(state["step"]),
+                         "wall_time": float("nan"), "f_evals": int(state["f_evals"]),
+                         "split": "probe", **r})  # fmt: skip
+    df = pd.DataFrame(rows)
+    df["f_evals"] = df["f_evals"].astype("int64")
+    return df[list(COLUMNS)]
+
+
+def warm_up(est: nn.Module, model: nn.Module, x: Tensor, kl: str, calls: int = 200) -> None:
+    """Bring an estimator's running state (e.g. a moving-average baseline) to its value at
+    these parameters, by ``calls`` estimates on ``x`` in training mode. Only estimators with
+    buffers and no trainable parameters are warmed up (learned baselines would need their own
+    optimization); their state is otherwise that of a fresh estimator."""
+    if not list(est.buffers()) or list(est.parameters()):
+        return
+    est.train()
+    with torch.no_grad():
+        for _ in range(calls):
+            q = model.encode(x)
+            est(q, model.learning_signal(x, q, kl), context=x)
+
+
+def eval_binarized_probe_batch(cfg, data) -> Tensor:
+    """The run's fixed probe batch: the first ``optim.batch_size`` training examples,
+    binarized once (the same batch the in-training probe uses)."""
+    from benchmarks.data import eval_binarized
+
+    return eval_binarized(data.train[: cfg.optim.batch_size], cfg.data.binarization, seed=2)
+
+
+def ranking_table(df: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
+    """Per probed estimator at ``step`` (default: the last): grad_var and grad_var_per_feval
+    with 95% intervals (value +- 1.96 SE), and each one's ratio to the smallest, with a
+    delta-method 95% interval. Sorted by variance per f-evaluation."""
+    rows = df[(df["split"] == "probe") & (df["param"] == "all")]
+    rows = rows[~rows["probe_estimator"].str.startswith("reference:")]
+    step = int(rows["step"].max()) if step is None else step
+    wide = rows[rows["step"] == step].pivot_table(
+        index="probe_estimator", columns="metric", values="value"
+    )
+    out = pd.DataFrame(index=wide.index)
+    for metric in ("grad_var", "grad_var_per_feval"):
+        v, se = wide[metric], wide[f"{metric}_se"]
+        out[metric] = v
+        out[f"{metric} 95% CI"] = [f"[{a:.4g}, {b:.4g}]" for a, b in
+                                   zip(v - 1.96 * se, v + 1.96 * se, strict=True)]  # fmt: skip
+        best = v.idxmin()
+        ratio = v / v[best]
+        rel = ((se / v) ** 2 + (se[best] / v[best]) ** 2) ** 0.5
+        out[f"{metric} / best"] = [
+            f"{r:.3g} [{r * (1 - 1.96 * e):.3g}, {r * (1 + 1.96 * e):.3g}]" if k != best else "1"
+            for k, r, e in zip(v.index, ratio, rel, strict=True)
+        ]
+    out.insert(0, "step", step)
+    return out.sort_values("grad_var_per_feval").reset_index()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``gradbench-probe RUN_DIR --estimators NAME[:k=v,...] ...``: probe a trajectory."""
+    import argparse
+
+    from benchmarks.records import atomic_write_bytes
+
+    parser = argparse.ArgumentParser(
+        prog="gradbench-probe",
+        description="Probe estimators at the model snapshots of one training run "
+        "(train it with snapshot_every=N); writes RUN_DIR/probe_trajectory.parquet and "
+        "prints a ranking table at the last snapshot.",
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        required=True,
+        help="registry names, or name:key=value,... (e.g. rloo:num_samples=8)",
+    )
+    parser.add_argument("--num-estimates", type=int, default=100)
+    parser.add_argument("--reference", default="auto",
+                        help="auto | exact | none | <registry name>")  # fmt: skip
+    parser.add_argument("--reference-samples", type=int, default=20)
+    parser.add_argument("--reference-estimates", type=int, default=100)
+    parser.add_argument("--groups", type=int, default=20)
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: RUN_DIR/" + TRAJECTORY_FILE
+    )
+    args = parser.parse_args(argv)
+    try:
+        df = probe_trajectory(
+            args.run_dir, args.estimators, num_estimates=args.num_estimates,
+            reference=args.reference, reference_samples=args.reference_samples,
+            reference_estimates=args.reference_estimates, groups=args.groups, chunk=args.chunk,
+            device=args.device, seed=args.seed,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gradbench-probe: error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or args.run_dir / TRAJECTORY_FILE
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(out, buf.getvalue())
+    print(ranking_table(df).to_markdown(index=False))
+    print(f"\n{len(df)} rows written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -70,6 +70,9 @@ from benchmarks.vae import ACTIVATIONS, ARCHS, FAMILIES, KL_MODES, VAE
 
 log = logging.getLogger(__name__)
 
+#: Folder of a run directory holding model snapshots along the trajectory.
+SNAPSHOTS = "snapshots"
+
 #: The config directory (absolute: console scripts have no calling file to resolve it from).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 #: Config keys that may change when a run is resumed (everything else must match).
@@ -135,6 +138,8 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.log_every >= 1, "log_every", cfg.log_every, "an integer >= 1")
     ok = cfg.checkpoint_every >= 0
     _require(ok, "checkpoint_every", cfg.checkpoint_every, "an integer >= 0 (0: at the end)")
+    ok = cfg.snapshot_every >= 0
+    _require(ok, "snapshot_every", cfg.snapshot_every, "an integer >= 0 (0: none)")
     ok = cfg.threads is None or cfg.threads >= 1
     _require(ok, "threads", cfg.threads, "null or an integer >= 1")
     _require(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "auto, cpu, cuda")
@@ -271,6 +276,20 @@ def resolve_device(device: str) -> torch.device:
             "device='cuda' is invalid here: CUDA is not available; allowed: auto, cpu"
         )
     return torch.device(device)
+
+
+def build_model(cfg: DictConfig, data: Dataset) -> VAE:
+    """The VAE of ``cfg.model`` for ``data`` (initialized from the current torch RNG)."""
+    return VAE(
+        data_dim=data.train.shape[1],
+        family=cfg.model.family,
+        arch=cfg.model.arch,
+        latent_dim=cfg.model.latent_dim,
+        n_categories=cfg.model.n_categories,
+        hidden_dim=cfg.model.hidden_dim,
+        activation=cfg.model.activation,
+        data_mean=data.train.mean(0) if cfg.model.init_output_bias else None,
+    )
 
 
 def load_data(cfg: DictConfig) -> Dataset:
@@ -521,16 +540,7 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        model = VAE(
-            data_dim=data.train.shape[1],
-            family=cfg.model.family,
-            arch=cfg.model.arch,
-            latent_dim=cfg.model.latent_dim,
-            n_categories=cfg.model.n_categories,
-            hidden_dim=cfg.model.hidden_dim,
-            activation=cfg.model.activation,
-            data_mean=data.train.mean(0) if cfg.model.init_output_bias else None,
-        ).to(device)
+        model = build_model(cfg, data).to(device)
         estimator.to(device).train()
         materialize_lazy(
             estimator, model, data.train[: cfg.optim.batch_size].to(device), cfg.model.kl
@@ -650,11 +660,19 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
     # Config values are read into locals once: a DictConfig lookup costs ~10 us.
     steps, log_every, eval_every = cfg.steps, cfg.log_every, cfg.eval.every
     ckpt_every, kl = cfg.checkpoint_every, cfg.model.kl
-    probe_every = cfg.probe.every
+    probe_every, snapshot_every = cfg.probe.every, cfg.snapshot_every
+
+    def save_snapshot() -> None:
+        """The model at this step, for probing the trajectory later (gradbench-probe)."""
+        path = run_dir / SNAPSHOTS / f"step_{step:09d}.pt"
+        checkpoint.save(path, {"step": step, "f_evals": f_evals, "model": model.state_dict()})
+
     nan_at, fail_at = cfg.debug.nan_at_step, cfg.debug.fail_at_step
     show = show_progress(cfg.progress, multirun)
     bar = tqdm(total=steps, initial=step, disable=not show)
     try:
+        if step == 0 and snapshot_every:
+            save_snapshot()
         if step == 0 and eval_every:
             add_rows(0, evaluate(model, eval_sets, cfg.eval, iwae_k, eval_seed(cfg.seed, 0)))
         if schedule is not None:  # the schedule is a function of the step: recompute it
@@ -681,7 +699,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
             eval_now = eval_every > 0 and (step % eval_every == 0 or step == steps)
             ckpt_now = step == steps or (ckpt_every > 0 and step % ckpt_every == 0)
             probe_now = probe_every > 0 and (step % probe_every == 0 or step == steps)
-            if not (log_now or eval_now or ckpt_now or probe_now):
+            snap_now = snapshot_every > 0 and (step % snapshot_every == 0 or step == steps)
+            if not (log_now or eval_now or ckpt_now or probe_now or snap_now):
                 continue
 
             # A sync point: check for divergence, then log, evaluate and checkpoint.
@@ -729,6 +748,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                     where = (str(r["probe_estimator"]), str(r["param"]))
                     add_rows(step, {("probe", str(r["metric"])): float(r["value"])}, *where)
                 add_rows(step, {("probe", "seconds"): time.perf_counter() - started})
+            if snap_now:
+                save_snapshot()
             if ckpt_now:
                 save_checkpoint()
             tick = time.perf_counter()

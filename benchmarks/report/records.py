@@ -249,6 +249,15 @@ def _read_metrics(path: Path) -> tuple[pd.DataFrame | None, str | None]:
             lacking = [c for c in ("step", "split", "metric", "value") if c not in frame]
             if lacking:
                 return None, f"{name} lacks columns {lacking}"
+            trajectory = path / "probe_trajectory.parquet"  # written by gradbench-probe
+            if trajectory.is_file():
+                try:
+                    extra = pd.read_parquet(trajectory)
+                except Exception as err:
+                    return None, f"unreadable {trajectory.name}: {type(err).__name__}: {err}"
+                # Shown as the probe when the run was not probed during training.
+                split = "probe_trajectory" if (frame["split"] == "probe").any() else "probe"
+                frame = pd.concat([frame, extra.assign(split=split)], ignore_index=True)
             return frame, None
     return None, "no metrics file"
 

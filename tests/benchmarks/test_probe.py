@@ -305,3 +305,28 @@ def test_invalid_probe_configs_fail_before_training(make_config, tmp_path, overr
     with pytest.raises(ConfigError, match=pattern):
         run(make_config("experiment=debug", "probe.every=10", override), tmp_path / "bad")
     assert not (tmp_path / "bad" / "metrics.parquet").exists()
+
+
+def test_trajectory_probe_cli_probes_every_snapshot(make_config, tmp_path, capsys):
+    """gradbench-probe measures every basket estimator at every model snapshot of one run
+    (the shared trajectory), writes tidy rows beside the run's metrics and prints a ranking
+    table; the report then reads those rows; a run without snapshots is a clear error."""
+    from benchmarks.probe import main
+    from benchmarks.report import load_records
+    from benchmarks.train import run
+
+    run_dir = tmp_path / "traj"
+    run(make_config("experiment=debug", "snapshot_every=10"), run_dir)
+    code = main([str(run_dir), "--estimators", "reinforce:baseline=moving_average", "rloo",
+                 "--num-estimates", "40"])  # fmt: skip
+    assert code == 0
+    rows = pd.read_parquet(run_dir / "probe_trajectory.parquet")
+    assert set(rows["step"]) == {0, 10, 20}
+    assert {"reinforce (moving_average)", "rloo (S=2)"} <= set(rows["probe_estimator"])
+    assert "grad_var_per_feval / best" in capsys.readouterr().out
+    metrics, _ = load_records([run_dir])
+    assert (metrics["split"] == "probe").any()
+    other = tmp_path / "plain"
+    run(make_config("experiment=debug"), other)
+    assert main([str(other), "--estimators", "rloo"]) == 2
+    assert "snapshot_every" in capsys.readouterr().err
