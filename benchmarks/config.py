@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 import estimators
 
@@ -97,19 +99,27 @@ class ProbeConfig:
     # {name: ..., <options>} (e.g. {name: rloo, num_samples: 8})
     basket: list[Any] = field(default_factory=list)
     reference: str = "auto"  # auto | exact | none | <registry name>: the reference gradient
-    reference_samples: int = 20  # samples per estimate of a Monte Carlo reference
-    reference_estimates: int = 100  # estimates averaged into a Monte Carlo reference
+    reference_samples: int = 10  # samples per estimate of a Monte Carlo reference
+    reference_estimates: int = 40  # estimates averaged into a Monte Carlo reference
     groups: int = 20  # jackknife groups for the standard errors
-    chunk: int = 100  # estimates computed at once (bounds memory)
+    chunk: int = 50  # estimates computed at once (bounds memory)
     ema_decay: float = 0.999  # decay of train/grad_var_ema (REBAR/DisARM papers); 0: off
 
 
 @dataclass
 class DebugConfig:
-    """Test hooks that inject faults; leave them null outside tests."""
+    """Test hooks that inject faults; leave them null outside tests.
+
+    The ``*_at_step`` hooks fire in a run's first attempt only (a transient fault: re-running
+    the same command resumes and finishes); ``preempt_after`` fires in every attempt.
+    """
 
     fail_at_step: Optional[int] = None  # raise RuntimeError at this step
     nan_at_step: Optional[int] = None  # make the loss NaN at this step
+    exit_at_step: Optional[int] = None  # os._exit(3) at this step (a hard crash)
+    kill_at_step: Optional[int] = None  # SIGKILL the training process at this step
+    term_at_step: Optional[int] = None  # SIGTERM the training process at this step
+    preempt_after: Optional[int] = None  # SIGUSR2 (preemption) to the job after N steps/attempt
 
 
 @dataclass
@@ -131,6 +141,8 @@ class Config:
     snapshot_every: int = 0  # keep model snapshots every N steps (gradbench-probe); 0: none
     threads: Optional[int] = None  # torch threads; null: leave torch's (or the launcher's) choice
     progress: str = "auto"  # tqdm bar: auto (TTY, not CI, not multirun) | true | false
+    supervise: str = "auto"  # train in a child process that a hard crash cannot take down with
+    # the job: auto (in --multirun sweeps) | true | false (benchmarks.supervise)
 
 
 def has_temperature_buffer(name: str) -> bool:
@@ -177,12 +189,35 @@ def estimator_schema(name: str) -> type:
     return dataclasses.make_dataclass(f"EstimatorConfig_{name}", fields)
 
 
+def unique_dir(path: str) -> str:
+    """``path``, or else ``path_1``, ``path_2``, ...: the first one this call creates.
+
+    The resolver ``${unique_dir:...}`` of the default ``hydra.run.dir`` / ``hydra.sweep.dir``.
+    ``os.mkdir`` is an exclusive claim (atomic, also on NFS), so runs started in the same
+    second (``${now:%H-%M-%S}``) get distinct directories and never share a writer. Hydra
+    resolves the directory once per command (the resolver is cached, and sweep jobs reuse
+    the cache of the sweep), so a run, or a sweep and its jobs, keep the one they claimed.
+    """
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count():
+        candidate = base if i == 0 else base.with_name(f"{base.name}_{i}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise AssertionError("unreachable")
+
+
 def register_configs() -> None:
-    """Store the root schema (``base_config``) and each ``schema/estimator/<name>``."""
+    """Store the root schema (``base_config``) and each ``schema/estimator/<name>``; register
+    the ``unique_dir`` resolver."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for name in estimators.available():
         cs.store(group="schema/estimator", name=name, node=estimator_schema(name))
+    OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
 
 
 register_configs()

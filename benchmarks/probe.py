@@ -81,6 +81,9 @@ class GroupedMoments:
     sumsqs: Tensor  # [K, P]
     counts: Tensor  # [K]
     f_evals: int
+    #: ``[P]`` constant subtracted from every estimate before summing (variance is
+    #: shift-invariant; a shift near the mean avoids cancellation in sum(g^2) - n mean^2).
+    shift: Tensor | None = None
 
     def leave_one_out(self) -> tuple[Tensor, Tensor, Tensor]:
         """Means, unbiased variances and counts for the full set (row 0) and each deletion
@@ -91,6 +94,8 @@ class GroupedMoments:
         n = torch.cat([total_n[None], total_n - self.counts])[:, None]
         mean = s / n
         var = (q - n * mean**2).clamp_min(0) / (n - 1)
+        if self.shift is not None:
+            mean = mean + self.shift
         return mean, var, n
 
 
@@ -132,6 +137,7 @@ def gradient_moments(
     counts = torch.zeros(groups, dtype=torch.float64)
     f_evals = 0
     done = 0
+    shift = None
     while done < num_estimates:
         m = min(chunk, num_estimates - done)
         head_rep = head.detach()[:, None].expand(b, m, head.shape[-1]).clone().requires_grad_()
@@ -147,16 +153,27 @@ def gradient_moments(
             is_grads_batched=True,
             retain_graph=True,
         )  # each [m, *shape]
-        flat = torch.cat([g.reshape(m, -1) for g in grads], 1).double()  # [m, P]
-        ids = (torch.arange(done, done + m) % groups).to(flat.device)
-        sums.index_add_(0, ids.cpu(), flat.cpu())
-        sumsqs.index_add_(0, ids.cpu(), (flat**2).cpu())
-        counts.index_add_(0, ids.cpu(), torch.ones(m, dtype=torch.float64))
+        flat = torch.cat([g.reshape(m, -1) for g in grads], 1)  # [m, P]
+        if shift is None:
+            shift = flat.mean(0)
+        dev = flat - shift
+        # Groups are contiguous blocks of estimates: sum each block of this chunk in the
+        # estimates' dtype (a few terms, centred), then accumulate the block sums in float64.
+        ids = torch.arange(done, done + m) * groups // num_estimates  # [m]
+        first, n_blocks = int(ids[0]), int(ids[-1] - ids[0]) + 1
+        local = (ids - first).to(flat.device)
+        part_s = flat.new_zeros(n_blocks, flat.shape[1]).index_add_(0, local, dev)
+        part_q = flat.new_zeros(n_blocks, flat.shape[1]).index_add_(0, local, dev * dev)
+        sums[first : first + n_blocks] += part_s.double().cpu()
+        sumsqs[first : first + n_blocks] += part_q.double().cpu()
+        counts.index_add_(0, ids, torch.ones(m, dtype=torch.float64))
         f_evals = out.f_evals
         done += m
+    assert shift is not None
     return GroupedMoments(
-        [n for n, _ in named], [p.numel() for p in params], sums, sumsqs, counts, f_evals
-    )
+        [n for n, _ in named], [p.numel() for p in params], sums, sumsqs, counts, f_evals,
+        shift.double().cpu(),
+    )  # fmt: skip
 
 
 def gradient_moments_loop(
@@ -203,6 +220,12 @@ class Reference:
     kind: str
     moments: GroupedMoments | None = None
 
+    def __post_init__(self) -> None:
+        # Leave-one-group-out means and variances of the mean, [K+1, P] (MC references only).
+        if self.moments is not None:
+            mean, var, n = self.moments.leave_one_out()
+            self.loo_mean, self.loo_var_of_mean = mean, var / n
+
 
 def exact_reference(
     model: nn.Module, x: Tensor, kl: str = "analytic", max_configs: int = MAX_CONFIGS
@@ -245,47 +268,32 @@ def reference_gradient(
         return exact_reference(model, x, kl, max(max_configs, MAX_CONFIGS))
     est = estimators.get(method, num_samples=num_samples)
     moments = gradient_moments(model, x, est, num_estimates, kl=kl, groups=groups, chunk=chunk)
-    mean, var, n = moments.leave_one_out()
-    return Reference(mean[0], (var[0] / n[0]).sqrt(), f"{method}(S={num_samples})", moments)
-
-
-def _metric_table(
-    mean: Tensor, var: Tensor, n: Tensor, ref: Tensor, ref_var_of_mean: Tensor, f_evals: int
-) -> dict[str, Tensor]:
-    """Metrics for each row (full set, deletions) of ``[R, P]`` moments; each value ``[R]``."""
-    std = var.sqrt()
-    positive = std > 0
-    snr = torch.where(positive, mean.abs() / std.clamp_min(1e-300), torch.nan).nanmean(1)
-    bias2 = ((mean - ref) ** 2 - var / n - ref_var_of_mean).mean(1)
-    cos = (mean * ref).sum(1) / (mean.norm(dim=1) * ref.norm(dim=1)).clamp_min(1e-300)
-    grad_var = var.mean(1)
-    return {
-        "grad_var": grad_var,
-        "grad_var_total": var.sum(1),
-        "grad_var_per_feval": grad_var * f_evals,
-        "grad_snr": snr,
-        "grad_bias2": bias2,
-        "grad_mse": grad_var + bias2,
-        "grad_cos": cos,
-    }
+    ref = Reference(torch.empty(0), torch.empty(0), f"{method}(S={num_samples})", moments)
+    ref.mean, ref.se = ref.loo_mean[0], ref.loo_var_of_mean[0].sqrt()
+    return ref
 
 
 def summarize(
     moments: GroupedMoments, reference: Reference | None
 ) -> list[dict[str, float | str]]:
     """Rows ``{param, metric, value}`` for each parameter tensor and ``all``; each metric with
-    a ``<metric>_se`` jackknife row. Bias, MSE and cosine need a ``reference``."""
+    a ``<metric>_se`` jackknife row. Bias, MSE and cosine need a ``reference``.
+
+    Per-coordinate terms are computed once for the full set and every group deletion
+    (``[K+1, P]``); each metric is then a reduction over a parameter's coordinates.
+    """
     mean, var, n = moments.leave_one_out()  # [K+1, P]
     k = moments.counts.numel()
     if reference is None:
-        ref = torch.zeros_like(mean)
-        ref_var = torch.zeros_like(mean)
+        ref, ref_var = torch.zeros_like(mean), torch.zeros_like(mean)
     elif reference.moments is not None:  # paired jackknife: delete the same group in both
-        r_mean, r_var, r_n = reference.moments.leave_one_out()
-        ref, ref_var = r_mean, r_var / r_n
+        ref, ref_var = reference.loo_mean, reference.loo_var_of_mean
     else:
-        ref = reference.mean.expand_as(mean)
-        ref_var = torch.zeros_like(mean)
+        ref, ref_var = reference.mean.expand_as(mean), torch.zeros_like(mean)
+    std = var.sqrt()
+    snr_c = torch.where(std > 0, mean.abs() / std.clamp_min(1e-300), torch.nan)
+    bias_c = (mean - ref) ** 2 - var / n - ref_var
+    dot_c, mm_c, rr_c = mean * ref, mean**2, ref**2
     slices = {"all": slice(0, mean.shape[1])}
     start = 0
     for name, size in zip(moments.names, moments.sizes, strict=True):
@@ -293,9 +301,18 @@ def summarize(
         start += size
     rows: list[dict[str, float | str]] = []
     for param, sl in slices.items():
-        table = _metric_table(
-            mean[:, sl], var[:, sl], n, ref[:, sl], ref_var[:, sl], moments.f_evals
-        )
+        grad_var = var[:, sl].mean(1)
+        bias2 = bias_c[:, sl].mean(1)
+        norms = (mm_c[:, sl].sum(1) * rr_c[:, sl].sum(1)).sqrt().clamp_min(1e-300)
+        table = {
+            "grad_var": grad_var,
+            "grad_var_total": var[:, sl].sum(1),
+            "grad_var_per_feval": grad_var * moments.f_evals,
+            "grad_snr": snr_c[:, sl].nanmean(1),
+            "grad_bias2": bias2,
+            "grad_mse": grad_var + bias2,
+            "grad_cos": dot_c[:, sl].sum(1) / norms,
+        }
         for metric, values in table.items():
             if reference is None and metric in ("grad_bias2", "grad_mse", "grad_cos"):
                 continue
@@ -380,6 +397,8 @@ class ProbeRunner:
       reference: ``auto`` | ``exact`` | ``none`` | a registry name (see
         :func:`reference_gradient`), with ``reference_samples`` / ``reference_estimates``.
       kl: the model's learning signal (``analytic`` | ``sampled``).
+      warmup_calls: estimates on the probe batch that bring a basket estimator's running
+        state (moving averages) to the current parameters before it is probed.
 
     Probing draws its randomness from its own stream, seeded by (run seed, step), and
     restores the global RNG state afterwards: it never changes the training trajectory.
@@ -397,12 +416,14 @@ class ProbeRunner:
         reference_samples: int,
         reference_estimates: int,
         kl: str,
+        warmup_calls: int = 50,
     ) -> None:
         self.basket = list(basket)
         self.batch = batch
         self.num_estimates, self.groups, self.chunk = num_estimates, groups, chunk
         self.reference, self.kl = reference, kl
         self.reference_samples, self.reference_estimates = reference_samples, reference_estimates
+        self.warmup_calls = warmup_calls
 
     def __call__(
         self, model: nn.Module, own: tuple[str, nn.Module], seed: int
@@ -413,6 +434,8 @@ class ProbeRunner:
         basket = [own, *(b for b in self.basket if b[0] != own[0])]
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
+            for _, est in basket[1:]:  # the own estimator's state comes from training
+                warm_up(est, model, self.batch, self.kl, calls=self.warmup_calls)
             ref = None
             if self.reference != "none":
                 ref = reference_gradient(

@@ -1,8 +1,5 @@
-"""Shared pytest setup: the ``slow`` and ``gpu`` markers, and composing gradbench configs.
-
-- ``@pytest.mark.slow`` tests run only with ``--runslow``.
-- ``@pytest.mark.gpu`` tests run only where CUDA is available.
-"""
+"""Fixtures shared by the tests: composing gradbench configs. (The ``slow``/``gpu`` marker
+handling lives in the repository's root ``conftest.py``, so it also covers ``benchmarks/``.)"""
 
 from __future__ import annotations
 
@@ -12,27 +9,6 @@ from pathlib import Path
 import pytest
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--runslow", action="store_true", default=False, help="also run tests marked slow"
-    )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    run_slow = config.getoption("--runslow")
-    has_gpu: bool | None = None
-    for item in items:
-        if "slow" in item.keywords and not run_slow:
-            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
-        if "gpu" in item.keywords:
-            if has_gpu is None:
-                import torch
-
-                has_gpu = torch.cuda.is_available()
-            if not has_gpu:
-                item.add_marker(pytest.mark.skip(reason="gpu: CUDA is not available"))
 
 
 @pytest.fixture

@@ -1,0 +1,40 @@
+"""Pytest setup for the whole repository (tests/ and the benchmarks/ suites).
+
+- ``@pytest.mark.slow`` tests run only with ``--runslow``.
+- ``@pytest.mark.gpu`` tests run only where CUDA is available.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--runslow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--runslow")
+    has_gpu: bool | None = None
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
+        if "gpu" in item.keywords:
+            if has_gpu is None:
+                import torch
+
+                has_gpu = torch.cuda.is_available()
+            if not has_gpu:
+                item.add_marker(pytest.mark.skip(reason="gpu: CUDA is not available"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Tests and benchmarks may pin torch's thread count; restore it after each one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
