@@ -2,11 +2,21 @@
 
 - ``@pytest.mark.slow`` tests run only with ``--runslow``.
 - ``@pytest.mark.gpu`` tests run only where CUDA is available.
+- torch runs one thread per test process (``GRADBENCH_TEST_THREADS`` overrides): the tests
+  are dominated by tiny tensors, and on busy cores extra threads stall (see FIELD-NOTES).
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("GRADBENCH_TEST_THREADS", "1")))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -142,7 +142,8 @@ def _load_sweep(path: Path) -> Sweep:
 
 
 def _job_overrides(path: Path) -> list[str]:
-    data = _read_yaml(path / ".hydra" / "overrides.yaml") if path.is_dir() else None
+    file = path / ".hydra" / "overrides.yaml"  # absent for runs started outside Hydra
+    data = _read_yaml(file) if file.is_file() else None
     return [str(x) for x in data] if isinstance(data, list) else []
 
 
@@ -450,6 +451,31 @@ def load_throughput(paths: Iterable[str | Path]) -> pd.DataFrame:
             )
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def with_reference(tp: pd.DataFrame) -> pd.DataFrame:
+    """``tp`` (from :func:`load_throughput`) plus ``ref_s``, the median time of the matching
+    hand-written reference row, and ``ratio = median_s / ref_s`` (NaN without a match).
+
+    Rows match on ``family``, ``batch_size``, ``device`` and, where present, ``arch``,
+    ``num_samples`` and ``threads``; also on ``label`` when the reference rows are labelled
+    by estimator (one hand-written step per estimator), so a harness step is compared with
+    the hand-written step of the same estimator.
+    """
+    tp = tp.copy()
+    refs = tp[tp["reference"]]
+    if refs.empty:
+        return tp.assign(ref_s=math.nan, ratio=math.nan)
+    keys = [k for k in ("family", "batch_size", "device", "arch", "num_samples", "threads")
+            if k in tp]  # fmt: skip
+    if set(refs["label"]) & set(tp.loc[~tp["reference"], "label"]):
+        keys.append("label")
+    if keys:
+        ref = refs.groupby(keys, dropna=False)["median_s"].median().rename("ref_s")
+        tp = tp.merge(ref.reset_index(), on=keys, how="left")
+    else:
+        tp["ref_s"] = refs["median_s"].median()
+    return tp.assign(ratio=tp["median_s"] / tp["ref_s"])
 
 
 # ------------------------------------------------------------------------------ final values
