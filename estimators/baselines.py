@@ -38,13 +38,11 @@ class MovingAverageBaseline(nn.Module):
         self.register_buffer("count", torch.zeros(()))
 
     def forward(self, f_values: Tensor) -> Tensor:
-        correction = 1.0 - self.decay**self.count
-        # count == 0 gives 0 / 0; the baseline is 0 before the first update.
-        b = torch.where(self.count > 0, self.average / correction.clamp_min(1e-30), 0.0)
-        if self.training:
-            with torch.no_grad():
-                self.average.mul_(self.decay).add_(f_values.detach().mean(), alpha=1 - self.decay)
-                self.count.add_(1)
+        # Before the first update the average is 0 and the clamped correction 1e-30: b = 0.
+        b = self.average / (1.0 - torch.pow(self.decay, self.count)).clamp_min(1e-30)
+        if self.training:  # buffers need no gradient; the values are detached
+            self.average.mul_(self.decay).add_(f_values.detach().mean(), alpha=1 - self.decay)
+            self.count.add_(1)
         return b.to(f_values.dtype)
 
     def extra_repr(self) -> str:

@@ -30,6 +30,7 @@ from benchmarks.report.records import (
     final_values,
     main_series,
     primary_rows,
+    with_reference,
 )
 from benchmarks.report.style import (
     DOUBLE_COLUMN_IN,
@@ -609,18 +610,26 @@ def steps_per_s_figure(
 
 
 def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> FigureResult:
-    """Throughput from pytest-benchmark: calls per second (median, IQR bars) per estimator."""
+    """Throughput from pytest-benchmark: calls per second (median, IQR bars) per estimator,
+    and the harness's overhead (training step / hand-written step) where a reference exists."""
     name = "throughput_benchmark"
     caption = (
         "Throughput from pytest-benchmark: calls per second (1 / median time; bars: "
-        "interquartile range over rounds), per benchmark and latent family."
+        "interquartile range over rounds), per benchmark and latent family; panels "
+        "'harness / hand-written': median time of the harness's training step over that of "
+        "the hand-written reference step of the same case (1 = no overhead)."
     )
     result = FigureResult(name, caption)
     if tp is None or tp.empty or tp["per_s"].isna().all():
         result.skipped = "no pytest-benchmark JSON given (--throughput)"
         return result
-    tp = tp[tp["per_s"].notna()].copy()
-    row_keys = [k for k in ("kind", "device") if k in tp and tp[k].nunique() > 1] or ["kind"]
+    tp = with_reference(tp[tp["per_s"].notna()])
+    overhead = tp[(tp["kind"] == "harness_step") & tp["ratio"].notna()]
+    tp = pd.concat([tp, overhead.assign(kind="harness / hand-written")], ignore_index=True)
+    row_keys = [
+        k for k in ("kind", "device", "arch", "threads") if k in tp and tp[k].nunique() > 1
+    ]
+    row_keys = row_keys or ["kind"]
     col_keys = [k for k in ("family",) if k in tp]
     keys = row_keys + col_keys
     tp[keys] = tp[keys].fillna("—").astype(str)
@@ -631,16 +640,21 @@ def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> 
         fig, axes, width = _flat_grid(len(groups), 3)
         for ax, (key, part) in zip(axes, groups, strict=True):
             key = key if isinstance(key, tuple) else (key,)
+            is_ratio = part["kind"].iloc[0] == "harness / hand-written"
             for label, line in part.groupby("label", sort=True):
                 used.add(label)
                 line = line.sort_values("batch_size" if by_batch else "label")
                 x = line["batch_size"].astype(float) if by_batch else np.arange(len(line))
-                lo = line["per_s"] - 1.0 / line["q3_s"].astype(float)
-                hi = 1.0 / line["q1_s"].astype(float) - line["per_s"]
-                err = np.vstack([lo.fillna(0).clip(lower=0), hi.fillna(0).clip(lower=0)])
+                if is_ratio:
+                    y, err = line["ratio"], None
+                else:
+                    y = line["per_s"]
+                    lo = y - 1.0 / line["q3_s"].astype(float)
+                    hi = 1.0 / line["q1_s"].astype(float) - y
+                    err = np.vstack([lo.fillna(0).clip(lower=0), hi.fillna(0).clip(lower=0)])
                 ax.errorbar(
                     x,
-                    line["per_s"],
+                    y,
                     yerr=err,
                     color=style.color(label),
                     marker=style.marker(label),
@@ -649,8 +663,13 @@ def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> 
                     capsize=1.5,
                     elinewidth=0.7,
                 )
-            ax.set_yscale("log")
-            _format_axis(ax, None)
+            if is_ratio:
+                ax.axhline(1.0, color="0.3", lw=0.7, ls="--")
+                ax.set_ylabel("harness / hand-written")
+            else:
+                ax.set_yscale("log")
+                _format_axis(ax, None)
+                ax.set_ylabel("calls / s")
             if by_batch:
                 ax.set_xscale("log", base=2)
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
@@ -658,7 +677,6 @@ def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> 
             else:
                 ax.set_xticks([])
                 ax.set_xlabel("estimator")
-            ax.set_ylabel("calls / s")
             ax.set_title(" · ".join(str(k).replace("_", " ") for k in key))
             ax.grid(True, alpha=0.5)
         result.colors = _legend(fig, style, sorted(used), width)

@@ -1,0 +1,394 @@
+"""Harness overhead as a ratio: harness training step / hand-written training step.
+
+Two modes::
+
+    python -m benchmarks.throughput_summary results/throughput/cpu.json
+    python -m benchmarks.throughput_summary --measure [--device cpu] [--out-dir results/throughput]
+
+1. From a pytest-benchmark JSON of ``benchmarks/bench_throughput.py``: pairs every
+   ``harness_step`` with the ``handwritten_step`` of the same case (estimator label, family,
+   batch size, ``S``, architecture, device, threads) and prints a Markdown table of median
+   times and their ratio. The two medians come from different moments of the run, so under a
+   changing load the ratio drifts; use it as an overview.
+2. ``--measure [--compile]``: for the acceptance cases (:data:`ACCEPTANCE`: every estimator with a
+   hand-written version on the linear Bernoulli VAE at batch 100 and 1024, plus reparam on
+   Gaussian latents for information) times the two steps *interleaved*: blocks of ``n`` steps
+   (``n`` chosen so a block lasts about ``--block-seconds``), harness then hand-written on
+   even blocks and the reverse on odd ones, ``--blocks`` pairs. The overhead is the median of
+   the per-block ratios, with a 95% percentile-bootstrap interval over blocks; load changes
+   slower than a block cancel in each ratio. Writes ``overhead_<device>.json`` and
+   ``overhead_<device>.md`` (with the load average before and after, and ``--note``).
+   ``--compile`` adds torch.compile'd / eager harness step ratios at batch 100.
+
+A ratio of 1.00 means the harness costs nothing over the hand-written loop; 1.10 means a
+harness step takes 10% longer than the same model and estimator written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: The keys that identify a case in ``extra_info``; a harness row and a hand-written row of
+#: the same case have equal keys.
+CASE_KEYS = ("label", "family", "batch_size", "num_samples", "arch", "device", "threads")
+
+
+# --------------------------------------------------------------------- ratios from a JSON
+
+
+def load_benchmarks(path: str | Path) -> list[dict[str, Any]]:
+    """The benchmarks of a pytest-benchmark JSON: ``extra_info`` plus ``median_s``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info") or {})
+        if "kind" not in info:
+            continue
+        info["median_s"] = float(bench["stats"]["median"])
+        rows.append(info)
+    return rows
+
+
+def ratio_rows(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per case with both a ``harness_step`` and a ``handwritten_step`` timing:
+    the case keys, ``harness_ms``, ``handwritten_ms``, ``ratio`` (harness / hand-written),
+    and ``estimate_ms`` where the case has a single-estimate timing."""
+    by_kind: dict[str, dict[tuple, dict[str, Any]]] = {}
+    for b in benchmarks:
+        by_kind.setdefault(b["kind"], {})[tuple(b.get(k) for k in CASE_KEYS)] = b
+    hand = by_kind.get("handwritten_step", {})
+    estimate = by_kind.get("estimate", {})
+    rows = []
+    for key, h in by_kind.get("harness_step", {}).items():
+        if key not in hand:
+            continue
+        row = dict(zip(CASE_KEYS, key, strict=True))
+        row.update(
+            harness_ms=1e3 * h["median_s"],
+            handwritten_ms=1e3 * hand[key]["median_s"],
+            ratio=h["median_s"] / hand[key]["median_s"],
+            estimate_ms=1e3 * estimate[key]["median_s"] if key in estimate else math.nan,
+        )
+        rows.append(row)
+    order = ("device", "family", "label", "arch", "batch_size", "num_samples")
+    return sorted(rows, key=lambda r: tuple(str(r[k]).zfill(8) for k in order))
+
+
+def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`ratio_rows`."""
+    lines = [
+        "| estimator | family | arch | B | S | device | threads | harness (ms) "
+        "| hand-written (ms) | harness / hand-written |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['family']} | {r['arch']} | {r['batch_size']} "
+            f"| {r['num_samples']} | {r['device']} | {r['threads']} | {r['harness_ms']:.2f} "
+            f"| {r['handwritten_ms']:.2f} | {r['ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ interleaved measurement
+
+
+def bootstrap_median_ci(
+    values: Sequence[float], n_boot: int = 4000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of ``values`` (resampling the values)."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(v[rng.integers(0, len(v), (n_boot, len(v)))], axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(medians, alpha)), float(np.quantile(medians, 1 - alpha))
+
+
+def interleaved_ratio(
+    a: Callable[[], Any],
+    b: Callable[[], Any],
+    blocks: int = 21,
+    block_seconds: float = 0.2,
+    warmup: int = 5,
+    min_steps: int = 3,
+) -> dict[str, Any]:
+    """Median over blocks of ``time(a) / time(b)``, timing ``a`` and ``b`` in alternating
+    blocks of ``n`` calls each (``a`` first on even blocks, ``b`` first on odd ones).
+
+    Returns ``ratio``, ``ci_low``/``ci_high`` (95% bootstrap over blocks), ``a_ms``/``b_ms``
+    (median per-call times over blocks), ``steps_per_block``, ``blocks`` and the per-block
+    ``ratios``.
+    """
+    for _ in range(warmup):
+        a()
+        b()
+    t0 = time.perf_counter()
+    for _ in range(min_steps):
+        a()
+    per_call = (time.perf_counter() - t0) / min_steps
+    n = max(min_steps, round(block_seconds / per_call))
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - start) / n
+
+    ta, tb = [], []
+    for i in range(blocks):
+        if i % 2 == 0:
+            ta.append(timed(a))
+            tb.append(timed(b))
+        else:
+            tb.append(timed(b))
+            ta.append(timed(a))
+    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    low, high = bootstrap_median_ci(ratios)
+    return {
+        "ratio": float(np.median(ratios)),
+        "ci_low": low,
+        "ci_high": high,
+        "a_ms": 1e3 * float(np.median(ta)),
+        "b_ms": 1e3 * float(np.median(tb)),
+        "steps_per_block": n,
+        "blocks": blocks,
+        "ratios": ratios,
+    }
+
+
+def acceptance_cases(device: str = "cpu", threads: int = 1) -> list[tuple[Any, float | None]]:
+    """``(case, target ratio)`` of the acceptance criteria: every estimator with a
+    hand-written version on the linear Bernoulli VAE at batch 100 (<= 1.10) and 1024
+    (<= 1.05), rloo with ``S = 8`` (<= 1.10 at both sizes); reparam (Gaussian) without a
+    target."""
+    from benchmarks.bench_throughput import make_case
+
+    configs = [
+        ("reinforce", {"baseline": "moving_average"}, "bernoulli", 1),
+        ("rloo", {}, "bernoulli", 8),
+        ("gumbel_softmax", {"temperature": 0.5}, "bernoulli", 1),
+        ("gumbel_softmax", {"temperature": 0.5, "straight_through": True}, "bernoulli", 1),
+        ("disarm", {}, "bernoulli", 1),
+        ("reparam", {}, "gaussian", 1),
+    ]
+    out = []
+    for batch, target in ((100, 1.10), (1024, 1.05)):
+        for name, options, family, s in configs:
+            case = make_case(name, options, family, batch, s, "linear", device, threads)
+            limit = None if family != "bernoulli" else (1.10 if name == "rloo" else target)
+            out.append((case, limit))
+    return out
+
+
+def measure(
+    device: str = "cpu",
+    threads: int = 1,
+    blocks: int = 21,
+    block_seconds: float = 0.2,
+    note: str = "",
+) -> dict[str, Any]:
+    """Interleaved harness / hand-written ratios of :func:`acceptance_cases`, with provenance."""
+    import torch
+
+    from benchmarks.bench_throughput import build, handwritten_step, harness_step, torch_threads
+    from benchmarks.records import git_state, versions
+
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "device": device,
+        "versions": versions(),
+        **git_state(),
+        "loadavg_before": list(os.getloadavg()),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "note": note,
+    }
+    results = []
+    with torch_threads(threads):
+        for case, target in acceptance_cases(device, threads):
+            setup = build(case)
+            load = os.getloadavg()[0]
+            r = interleaved_ratio(
+                harness_step(setup), handwritten_step(setup), blocks, block_seconds
+            )
+            row = {
+                "label": case.label,
+                "estimator": case.estimator,
+                "family": case.family,
+                "arch": case.arch,
+                "batch_size": case.batch_size,
+                "num_samples": case.num_samples,
+                "device": device,
+                "threads": torch.get_num_threads(),
+                "fused_adam": setup.fused,
+                "harness_ms": r["a_ms"],
+                "handwritten_ms": r["b_ms"],
+                "ratio": r["ratio"],
+                "ci_low": r["ci_low"],
+                "ci_high": r["ci_high"],
+                "target": target,
+                "meets_target": None if target is None else r["ratio"] <= target,
+                "steps_per_block": r["steps_per_block"],
+                "blocks": r["blocks"],
+                "block_ratios": r["ratios"],
+                "loadavg_1m_start": load,
+            }
+            results.append(row)
+            print(
+                f"{case.label:38s} B={case.batch_size:<5d} S={case.num_samples} "
+                f"{row['harness_ms']:8.2f} ms / {row['handwritten_ms']:8.2f} ms = "
+                f"{row['ratio']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]",
+                flush=True,
+            )
+    machine["loadavg_after"] = list(os.getloadavg())
+    return {"machine": machine, "results": results}
+
+
+def measure_compile(
+    device: str = "cpu", threads: int = 1, blocks: int = 21, block_seconds: float = 0.2
+) -> list[dict[str, Any]]:
+    """Interleaved ratios torch.compile'd harness step / eager harness step for the batch-100
+    acceptance cases (``estimate_loss`` compiled; the optimizer step stays eager), with the
+    compile time (the first two calls)."""
+    import torch
+
+    from benchmarks.bench_throughput import (
+        build,
+        harness_step,
+        harness_step_compiled,
+        torch_threads,
+    )
+
+    rows = []
+    with torch_threads(threads):
+        for case, _ in acceptance_cases(device, threads):
+            if case.batch_size != 100:
+                continue
+            compiled = harness_step_compiled(build(case))
+            start = time.perf_counter()
+            compiled()
+            compiled()
+            compile_s = time.perf_counter() - start
+            r = interleaved_ratio(compiled, harness_step(build(case)), blocks, block_seconds)
+            rows.append({
+                "label": case.label, "family": case.family, "batch_size": case.batch_size,
+                "num_samples": case.num_samples, "compiled_ms": r["a_ms"], "eager_ms": r["b_ms"],
+                "ratio": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                "compile_s": compile_s,
+            })  # fmt: skip
+            print(f"compiled / eager {case.label:30s} {r['ratio']:.3f}", flush=True)
+            torch._dynamo.reset()
+    return rows
+
+
+def _loads(values: Sequence[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in values)
+
+
+def overhead_markdown(report: dict[str, Any]) -> str:
+    """Markdown table of :func:`measure`'s result, with the machine's load."""
+    m = report["machine"]
+    lines = [
+        f"# Harness overhead on {m['device']} ({m['threads']} thread(s))",
+        "",
+        "Interleaved blocks of training steps, harness (`estimate_loss` + `optimizer_step`) "
+        "against the hand-written step (`benchmarks/handwritten.py`) of the same model; ratio "
+        "= median over blocks of harness time / hand-written time, 95% bootstrap interval "
+        "over blocks. Linear VAE, 784 pixels, 200 latents, Adam (fused: "
+        f"{report['results'][0]['fused_adam'] if report['results'] else '?'}).",
+        "",
+        f"- date: {m['date']}; torch {m['versions'].get('torch')}; commit "
+        f"{m.get('git_commit')} (dirty: {m.get('git_dirty')}); {m['cpu_count']} CPUs",
+        f"- load average (1, 5, 15 min) before: {_loads(m['loadavg_before'])}; after: "
+        f"{_loads(m['loadavg_after'])}",
+    ]
+    if m.get("note"):
+        lines.append(f"- note: {m['note']}")
+    lines += [
+        "",
+        "| estimator | family | B | S | harness (ms) | hand-written (ms) | ratio | 95% CI "
+        "| target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for r in report["results"]:
+        target = "—" if r["target"] is None else f"≤ {r['target']:.2f}"
+        met = "—" if r["meets_target"] is None else ("yes" if r["meets_target"] else "**no**")
+        lines.append(
+            f"| {r['label']} | {r['family']} | {r['batch_size']} | {r['num_samples']} "
+            f"| {r['harness_ms']:.2f} | {r['handwritten_ms']:.2f} | {r['ratio']:.3f} "
+            f"| [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {target} | {met} |"
+        )
+    if report.get("compile"):
+        lines += [
+            "",
+            "torch.compile of `estimate_loss` (optimizer step eager), interleaved against the "
+            "eager harness step:",
+            "",
+            "| estimator | family | B | S | compiled (ms) | eager (ms) | compiled / eager "
+            "| 95% CI | compile (s) |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for r in report["compile"]:
+            lines.append(
+                f"| {r['label']} | {r['family']} | {r['batch_size']} | {r['num_samples']} "
+                f"| {r['compiled_ms']:.2f} | {r['eager_ms']:.2f} | {r['ratio']:.3f} "
+                f"| [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['compile_s']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the ratio table of JSON files, or ``--measure`` and write the overhead files."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="*", help="pytest-benchmark JSON files")
+    parser.add_argument("--measure", action="store_true", help="interleaved measurement")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--blocks", type=int, default=21, help="blocks per case (>= 15)")
+    parser.add_argument("--block-seconds", type=float, default=0.2, help="seconds per block")
+    parser.add_argument("--out-dir", default="results/throughput", help="for --measure")
+    parser.add_argument("--note", default="", help="what else ran on the machine")
+    parser.add_argument(
+        "--compile", action="store_true", help="with --measure: also torch.compile / eager"
+    )
+    args = parser.parse_args(argv)
+    if not args.measure and not args.json:
+        parser.error("give pytest-benchmark JSON files, or --measure")
+    for path in args.json:
+        print(f"## {path}\n")
+        print(ratio_table(ratio_rows(load_benchmarks(path))))
+    if args.measure:
+        report = measure(args.device, args.threads, args.blocks, args.block_seconds, args.note)
+        if args.compile:
+            report["compile"] = measure_compile(
+                args.device, args.threads, args.blocks, args.block_seconds
+            )
+            report["machine"]["loadavg_after"] = list(os.getloadavg())
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"overhead_{args.device}"
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        md = overhead_markdown(report)
+        stem.with_suffix(".md").write_text(md)
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

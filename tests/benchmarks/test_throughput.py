@@ -1,0 +1,226 @@
+"""The throughput suite's reference and bookkeeping: the hand-written step computes what the
+harness computes (same loss, gradients and update from the same random draws), FLOPs are
+counted as 2 m n k per matmul, the default subset covers every estimator, and the summary
+pairs harness and hand-written timings of the same case."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import estimators
+from benchmarks import bench_throughput as bt
+from benchmarks import handwritten
+from benchmarks.throughput_summary import (
+    bootstrap_median_ci,
+    load_benchmarks,
+    ratio_rows,
+    ratio_table,
+)
+from benchmarks.train import estimate_loss, optimizer_step
+
+#: (estimator, options, S) with a hand-written version; each runs on all its families.
+HANDWRITTEN = [
+    ("reinforce", {"baseline": "moving_average"}, 1),
+    ("reinforce", {}, 3),
+    ("rloo", {}, 4),
+    ("gumbel_softmax", {"temperature": 0.5}, 2),
+    ("gumbel_softmax", {"temperature": 0.5, "straight_through": True}, 1),
+    ("reparam", {}, 2),
+    ("disarm", {}, 2),
+]
+CASES = [
+    pytest.param(
+        bt.make_case(name, options, family, 16, s, arch),
+        id=f"{name}{'-ST' if options.get('straight_through') else ''}-{family}-S{s}-{arch}",
+    )
+    for name, options, s in HANDWRITTEN
+    for family in handwritten.SUPPORTED[name]
+    for arch in ("linear", "nonlinear")
+]
+
+
+def _pair(case: bt.Case) -> tuple[bt.Setup, handwritten.HandwrittenStep]:
+    setup = bt.build(case)
+    latent_dim, n_categories = bt.LATENTS[case.family]
+    hand = handwritten.HandwrittenStep(
+        [p.detach().clone() for p in setup.model.parameters()],
+        case.family, latent_dim, n_categories, case.estimator, case.opts, case.num_samples,
+        fused=setup.fused,
+    )  # fmt: skip
+    return setup, hand
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Equal up to float32 rounding, relative to the tensor's scale."""
+    return bool((a - b).abs().max() <= rtol * max(1.0, float(a.abs().max())))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_handwritten_loss_and_gradients_equal_harness(case: bt.Case) -> None:
+    """From the same parameters and RNG state, the hand-written loss and every parameter
+    gradient equal the harness's (estimate_loss) up to float32 rounding."""
+    setup, hand = _pair(case)
+    torch.manual_seed(1)
+    loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, bt.KL, case.num_samples)
+    grads = torch.autograd.grad(loss, list(setup.model.parameters()))
+    torch.manual_seed(1)
+    hand_loss = hand.loss(setup.x)
+    hand_grads = torch.autograd.grad(hand_loss, hand.params)
+    assert _close(loss.detach(), hand_loss.detach())
+    for g, h in zip(grads, hand_grads, strict=True):
+        assert _close(g, h, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if "linear" in c.id and "nonlinear" not in c.id]
+)
+def test_handwritten_step_updates_like_harness(case: bt.Case) -> None:
+    """Two full training steps (loss, backward, the same Adam) leave the hand-written
+    parameters equal to the harness's, and the losses match at each step."""
+    setup, hand = _pair(case)
+    for step in range(2):
+        torch.manual_seed(10 + step)
+        loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, bt.KL, case.num_samples)
+        optimizer_step(setup.optimizer, loss)
+        torch.manual_seed(10 + step)
+        hand_loss = hand(setup.x)
+        # After the first step the moving-average baseline (float32 in the harness, float64
+        # bias correction here) differs by rounding, which the score term amplifies slightly.
+        assert _close(loss.detach(), hand_loss.detach(), rtol=1e-5 if step == 0 else 1e-4)
+    for p, h in zip(setup.model.parameters(), hand.params, strict=True):
+        assert _close(p.detach(), h.detach(), rtol=1e-4)
+
+
+def test_moving_average_state_matches_harness() -> None:
+    """The hand-written moving average follows the harness baseline's buffers over steps."""
+    case = bt.make_case("reinforce", {"baseline": "moving_average"}, "bernoulli", 16, 2)
+    setup, hand = _pair(case)
+    for step in range(4):
+        torch.manual_seed(step)
+        estimate_loss(setup.model, setup.estimator, setup.x, bt.KL, case.num_samples)
+        torch.manual_seed(step)
+        hand.loss(setup.x)
+    baseline = setup.estimator.baseline
+    assert int(baseline.count) == hand.count == 4
+    assert math.isclose(float(baseline.average), float(hand.average), rel_tol=1e-6)
+
+
+def test_handwritten_refuses_what_it_does_not_implement() -> None:
+    """Estimators, baselines and families without a hand-written version raise ValueError."""
+    assert not handwritten.supports("nvil", "bernoulli")
+    assert not handwritten.supports("reinforce", "bernoulli", {"baseline": "batch_mean"})
+    assert not handwritten.supports("disarm", "gaussian")
+    with pytest.raises(ValueError, match="no hand-written"):
+        handwritten.HandwrittenStep([torch.zeros(2, 2)] * 4, "bernoulli", 2, 1, "vimco")
+
+
+def test_matmul_flops_count_two_mnk_forward_and_backward() -> None:
+    """A linear reinforce step costs 4 B D L (1 + S) matmul FLOPs: encoder forward and weight
+    gradient (x needs no gradient), decoder forward and weight gradient on S samples (z is
+    sampled, no gradient); Adam adds none."""
+    case = bt.make_case("reinforce", {}, "bernoulli", 8, 3)
+    step = bt.harness_step(bt.build(case))
+    b, d, latent = 8, bt.DATA_DIM, bt.LATENTS["bernoulli"][0]
+    assert bt.matmul_flops(step) == 4 * b * d * latent * (1 + 3)
+
+
+def test_default_subset_covers_every_estimator_and_family() -> None:
+    """Every registered estimator and family has a batch-100 linear CPU case, rloo at S = 8,
+    the sweep omits batch 1024 x nonlinear x S = 8, and the full set contains the default."""
+    default = bt.default_cases(("cpu",))
+    covered = {(c.estimator, c.family) for c in default if bt.is_representative(c)}
+    for name in estimators.available():
+        for family in estimators.families(name):
+            assert (name, family) in covered
+    assert all(c.num_samples == 8 for c in default if c.estimator == "rloo" and c.arch == "linear"
+               and c.batch_size == 100 and c.family != "bernoulli")  # fmt: skip
+    assert not [
+        c for c in default if (c.batch_size, c.arch, c.num_samples) == (1024, "nonlinear", 8)
+    ]
+    assert set(default) <= set(bt.full_cases(("cpu",)))
+    assert len(default) == len(set(default))
+
+
+def test_cuda_cases_carry_the_gpu_marker() -> None:
+    """CUDA parameters are marked ``gpu`` and skip themselves without CUDA."""
+    params = bt._params([bt.make_case("reparam", {}, "gaussian", device="cuda")])
+    for param in params:
+        names = [m.name for m in param.marks]
+        assert "gpu" in names and "skipif" in names
+
+
+def test_each_case_times_harness_then_handwritten() -> None:
+    """Every case times the harness step first, its hand-written reference (where one
+    exists) right after, then the single estimate; one family per estimator is probed."""
+    for case in bt.default_cases(("cpu",)):
+        kinds = bt.case_kinds(case)
+        expected = (
+            ["harness_step", "handwritten_step"] if case.has_handwritten else ["harness_step"]
+        )
+        assert kinds[: len(expected) + 1] == [*expected, "estimate"]
+    probed = {c.estimator for c in bt.default_cases(("cpu",)) if "probe" in bt.case_kinds(c)}
+    assert probed == set(estimators.available())
+
+
+def _bench(kind: str, label: str, median: float, reference: bool = False) -> dict:
+    info = {"kind": kind, "label": label, "family": "bernoulli", "batch_size": 100,
+            "num_samples": 1, "arch": "linear", "device": "cpu", "threads": 1,
+            "reference": reference}  # fmt: skip
+    return {"name": f"test_{kind}[{label}]", "group": kind, "extra_info": info,
+            "stats": {"median": median, "q1": median, "q3": median, "rounds": 5}}  # fmt: skip
+
+
+def test_summary_pairs_harness_and_handwritten_of_the_same_case(tmp_path) -> None:
+    """ratio_rows divides each harness step by the hand-written step of the same label and
+    case, and leaves out estimators without a hand-written step."""
+    path = tmp_path / "bench.json"
+    benches = [
+        _bench("harness_step", "rloo (S=8)", 0.011),
+        _bench("handwritten_step", "rloo (S=8)", 0.010, reference=True),
+        _bench("harness_step", "reinforce", 0.006),
+        _bench("handwritten_step", "reinforce", 0.004, reference=True),
+        _bench("harness_step", "nvil", 0.009),
+        _bench("estimate", "rloo (S=8)", 0.005),
+    ]
+    path.write_text(json.dumps({"benchmarks": benches}))
+    rows = {r["label"]: r for r in ratio_rows(load_benchmarks(path))}
+    assert set(rows) == {"rloo (S=8)", "reinforce"}
+    assert math.isclose(rows["rloo (S=8)"]["ratio"], 1.1)
+    assert math.isclose(rows["reinforce"]["ratio"], 1.5)
+    assert math.isclose(rows["rloo (S=8)"]["estimate_ms"], 5.0)
+    assert "| rloo (S=8) |" in ratio_table(list(rows.values()))
+
+
+def test_report_ratio_matches_by_estimator(tmp_path) -> None:
+    """The report's reference column pairs a harness step with the same estimator's
+    hand-written step (not the median over estimators)."""
+    from benchmarks.report.records import load_throughput, with_reference
+
+    path = tmp_path / "bench.json"
+    benches = [
+        _bench("harness_step", "rloo (S=8)", 0.011),
+        _bench("handwritten_step", "rloo (S=8)", 0.010, reference=True),
+        _bench("harness_step", "reinforce", 0.006),
+        _bench("handwritten_step", "reinforce", 0.004, reference=True),
+        _bench("harness_step", "nvil", 0.009),
+    ]
+    for b in benches:
+        b["extra_info"]["estimator_label"] = b["extra_info"]["label"]
+    path.write_text(json.dumps({"benchmarks": benches}))
+    tp = with_reference(load_throughput([path])).set_index(["kind", "label"])["ratio"]
+    assert math.isclose(tp["harness_step", "rloo (S=8)"], 1.1)
+    assert math.isclose(tp["harness_step", "reinforce"], 1.5)
+    assert math.isnan(tp["harness_step", "nvil"])
+
+
+def test_bootstrap_interval_brackets_the_median() -> None:
+    """The bootstrap interval of a median contains the sample median and collapses for
+    constant data."""
+    values = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.3]
+    low, high = bootstrap_median_ci(values)
+    assert low <= sorted(values)[3] <= high
+    assert bootstrap_median_ci([2.0] * 5) == (2.0, 2.0)
