@@ -14,6 +14,7 @@ harness applies and never passes to ``estimators.get``.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import itertools
@@ -197,17 +198,36 @@ def unique_dir(path: str) -> str:
     second (``${now:%H-%M-%S}``) get distinct directories and never share a writer. Hydra
     resolves the directory once per command (the resolver is cached, and sweep jobs reuse
     the cache of the sweep), so a run, or a sweep and its jobs, keep the one they claimed.
+    A claimed directory still empty when the process exits (the config was only composed or
+    printed, or the command failed before writing) is removed again.
     """
     base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
     for i in itertools.count():
         candidate = base if i == 0 else base.with_name(f"{base.name}_{i}")
+        new_parents = [p for p in reversed(candidate.parents) if not p.exists()]
         try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
             candidate.mkdir()
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # taken; or a parent removed meanwhile
             continue
+        _claimed.append((candidate, new_parents))
         return str(candidate)
     raise AssertionError("unreachable")
+
+
+_claimed: list[tuple[Path, list[Path]]] = []
+
+
+@atexit.register
+def _release_unused_claims() -> None:
+    """Remove the directories :func:`unique_dir` claimed (and the parents it made) that are
+    still empty."""
+    for claimed, parents in reversed(_claimed):
+        for d in (claimed, *reversed(parents)):
+            try:
+                d.rmdir()  # only succeeds on an empty directory
+            except OSError:
+                break
 
 
 def register_configs() -> None:

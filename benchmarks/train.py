@@ -16,8 +16,13 @@ Outcomes: ``completed``; ``diverged`` (a non-finite loss or parameter, found at 
 records the last finite step, exits 0 so a sweep goes on); ``failed`` (any exception: message
 and traceback tail in ``run.json``, then re-raised, exit 1). An invalid config fails before any
 training, writes ``run.json`` (status ``failed``, unless the directory already holds a record)
-and never a metrics file. Re-running the same command in the same run directory resumes from
-the checkpoint; a completed or diverged run is skipped.
+and never a metrics file. SIGTERM / SIGINT / the scheduler's SIGUSR2 stop the run after the
+current step with a checkpoint: ``failed`` (terminated) or ``timeout`` (preempted; submitit
+requeues it). In a sweep each run trains in a supervised child process, so a hard crash is
+recorded as ``failed`` and the sweep goes on (:mod:`benchmarks.supervise`). Re-running the same
+command in the same run directory resumes from the newest checkpoint that verifies
+(``checkpoint.pt``, else ``checkpoint.prev.pt``); a completed or diverged run is skipped while
+its files are intact (``run.json``'s status is written last, as a commit marker).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torch.nn.parameter import is_lazy
 from tqdm import tqdm
 
 import estimators
-from benchmarks import checkpoint
+from benchmarks import checkpoint, supervise
 from benchmarks.config import HARNESS_ESTIMATOR_KEYS, SCHEDULE_KEYS
 from benchmarks.data import (
     BINARIZATIONS,
@@ -59,6 +64,7 @@ from benchmarks.records import (
     RUN_JSON,
     MetricsLog,
     RunRecord,
+    file_sha256,
     git_state,
     new_run_id,
     now_iso,
@@ -76,7 +82,7 @@ SNAPSHOTS = "snapshots"
 #: The config directory (absolute: console scripts have no calling file to resolve it from).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 #: Config keys that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES: tuple[str, ...] = ("steps", "progress", "threads", "debug")
+RESUMABLE_CHANGES: tuple[str, ...] = ("steps", "progress", "threads", "debug", "supervise")
 EVAL_SPLITS: tuple[str, ...] = ("train", "val", "test")
 LOSS_NOTE = "mean over the batch of -surrogate, plus the estimator's aux_loss"
 WALL_TIME_NOTE = "seconds of training since the start, excluding evaluation and checkpointing"
@@ -166,7 +172,7 @@ def validate(cfg: DictConfig) -> None:
     _require(pr.reference_samples >= 1, "probe.reference_samples", pr.reference_samples, ">= 1")
     ok = pr.reference_estimates >= 2 * pr.groups
     _require(ok, "probe.reference_estimates", pr.reference_estimates, ">= 2 * probe.groups")
-    for key in ("fail_at_step", "nan_at_step"):
+    for key in cfg.debug:  # fail_at_step, nan_at_step, ..., preempt_after
         value = cfg.debug[key]
         _require(value is None or value >= 1, f"debug.{key}", value, "null or an integer >= 1")
     if "anneal_rate" in e:
@@ -523,11 +529,17 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                 "hydra.run.dir / hydra.sweep.dir"
             )
     last = int(previous.data.get("last_step") or 0) if previous is not None else 0
+    recovered: list[str] = []  # what was wrong with the records found, for run.json
     if previous is not None and (
         previous.status == "diverged" or (previous.status == "completed" and last >= cfg.steps)
     ):
-        log.info("run in %s is already %s at step %d; skipping", run_dir, previous.status, last)
-        return str(previous.status)
+        # run.json's status is the commit marker; it counts only if the files are intact.
+        problem = checkpoint.finished_problem(run_dir, previous.data)
+        if problem is None:
+            log.info("run in %s is already %s at step %d; skip", run_dir, previous.status, last)
+            return str(previous.status)
+        recovered.append(f"run.json said {previous.status} but {problem}; redone")
+        log.warning("%s: %s", run_dir, recovered[-1])
 
     # 2. Build data, model, optimizer and batch stream (seeded).
     schedule = temperature_schedule(est_cfg)
@@ -581,21 +593,46 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
     window = Window(cfg.log_every, device)
     step, f_evals, train_time = 0, 0, 0.0
     resumed_from = list(record.data.get("resumed_from") or [])
-    if ckpt_path.exists():
-        state = checkpoint.load(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        estimator.load_state_dict(state["estimator"])
-        stream.load_state_dict(state["stream"])
-        window.load_state_dict(state["window"])
-        if grad_ema is not None:
-            grad_ema.load_state_dict(state["grad_ema"])
-        checkpoint.set_rng_state(state["rng"], device)
-        step, f_evals, train_time = state["step"], state["f_evals"], state["train_time"]
-        metrics.load(metrics_path)
-        metrics.truncate(step)
-        resumed_from.append(step)
-        log.info("resuming %s from its checkpoint at step %d", run_dir, step)
+    attempt = int(record.data.get("attempts") or 0) + 1
+    try:  # the newest checkpoint that verifies (checkpoint.pt, else checkpoint.prev.pt)
+        state, source, notes = checkpoint.load_latest(ckpt_path)
+        recovered += notes
+        if state is not None:
+            changed = config_changes(state["config"], config) if "config" in state else []
+            if changed:
+                raise ConfigError(
+                    f"{source} holds a run with a different config (differs in: "
+                    f"{', '.join(changed)}); resume it with its own config or choose a new "
+                    "hydra.run.dir / hydra.sweep.dir"
+                )
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            estimator.load_state_dict(state["estimator"])
+            stream.load_state_dict(state["stream"])
+            window.load_state_dict(state["window"])
+            if grad_ema is not None:
+                grad_ema.load_state_dict(state["grad_ema"])
+            checkpoint.set_rng_state(state["rng"], device)
+            step, f_evals, train_time = state["step"], state["f_evals"], state["train_time"]
+            if "metrics" in state:  # the rows up to the checkpoint, whatever the file holds
+                metrics.load_state_dict(state["metrics"])
+            else:
+                metrics.load(metrics_path)
+            metrics.truncate(step)
+            if not record.data.get("run_id") and state.get("run_id"):  # run.json was lost
+                identity["run_id"] = metrics.identity["run_id"] = state["run_id"]
+            resumed_from.append(step)
+            log.info("resuming %s from %s at step %d", run_dir, source.name, step)
+        elif notes:
+            log.warning("no checkpoint in %s verifies: restarting from step 0", run_dir)
+        if state is not None or notes:
+            metrics.write(metrics_path)  # the file now holds exactly the checkpoint's rows
+    except ConfigError:
+        raise
+    except Exception as err:
+        why = f"cannot resume: {type(err).__name__}: {err}"
+        record.update_if_possible(status="failed", reason=why, config=config, end_time=now_iso())
+        raise
     record.update(
         **identity,
         status="running",
@@ -615,6 +652,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         end_time=None,
         last_step=step,
         resumed_from=resumed_from,
+        attempts=attempt,
+        recovered=[*(record.data.get("recovered") or []), *recovered],
         run_dir=str(run_dir.resolve()),
     )
 
@@ -632,7 +671,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
             "estimator": estimator.state_dict(), "stream": stream.state_dict(),
             "window": window.state_dict(), "rng": checkpoint.rng_state(device),
             "grad_ema": grad_ema.state_dict() if grad_ema is not None else {},
-        })  # fmt: skip
+            "metrics": metrics.state_dict(), "config": config, "run_id": identity["run_id"],
+        }, keep_previous=True)  # fmt: skip
         record.update(last_step=step)
 
     def first_bad_step() -> int | None:
@@ -667,9 +707,14 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         path = run_dir / SNAPSHOTS / f"step_{step:09d}.pt"
         checkpoint.save(path, {"step": step, "f_evals": f_evals, "model": model.state_dict()})
 
+    # Test hooks (debug.*): the *_at_step ones fire in the first attempt only.
     nan_at, fail_at = cfg.debug.nan_at_step, cfg.debug.fail_at_step
+    if attempt > 1:
+        nan_at = fail_at = None
+    faults = supervise.DebugFaults.build(cfg.debug, step, attempt == 1)
     show = show_progress(cfg.progress, multirun)
     bar = tqdm(total=steps, initial=step, disable=not show)
+    stop = supervise.StopSignals().install()  # SIGTERM/SIGINT/preemption: checkpoint, stop
     try:
         if step == 0 and snapshot_every:
             save_snapshot()
@@ -687,6 +732,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                 loss = loss * float("nan")
             if step + 1 == fail_at:
                 raise RuntimeError(f"debug.fail_at_step={step + 1}: injected failure")
+            if faults is not None:
+                faults.before_step(step + 1)
             optimizer_step(optimizer, loss)
             if grad_ema is not None:
                 grad_ema.update()
@@ -700,7 +747,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
             ckpt_now = step == steps or (ckpt_every > 0 and step % ckpt_every == 0)
             probe_now = probe_every > 0 and (step % probe_every == 0 or step == steps)
             snap_now = snapshot_every > 0 and (step % snapshot_every == 0 or step == steps)
-            if not (log_now or eval_now or ckpt_now or probe_now or snap_now):
+            stop_now = stop.signum is not None
+            if not (log_now or eval_now or ckpt_now or probe_now or snap_now or stop_now):
                 continue
 
             # A sync point: check for divergence, then log, evaluate and checkpoint.
@@ -750,16 +798,18 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                 add_rows(step, {("probe", "seconds"): time.perf_counter() - started})
             if snap_now:
                 save_snapshot()
-            if ckpt_now:
+            if ckpt_now or stop_now:
                 save_checkpoint()
+            if stop_now:
+                break
             tick = time.perf_counter()
-    except Exception as err:
+    except (Exception, KeyboardInterrupt) as err:
         # Non-finite parameters surface as exceptions too (e.g. sampling Bernoulli(NaN)).
         first_bad = first_bad_step()
         if first_bad is not None:
             return diverge(first_bad)
         tail = traceback.format_exc().strip().splitlines()[-20:]
-        record.update(
+        record.update_if_possible(  # (if the disk is full, the first error is the one raised)
             status="failed",
             reason=f"{type(err).__name__}: {err}",
             traceback="\n".join(tail),
@@ -768,7 +818,11 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         raise
     finally:
         bar.close()
-    record.update(status="completed", last_step=step, end_time=now_iso())
+        stop.restore()
+    if stop.signum is not None and step < steps:
+        return stop.finish(record, step)  # status failed / timeout, then honour the signal
+    record.update(status="completed", last_step=step, end_time=now_iso(),
+                  metrics_sha256=file_sha256(metrics_path))  # fmt: skip
     log.info("completed %d steps in %.1f s of training; records in %s", step, train_time, run_dir)
     return "completed"
 
@@ -780,9 +834,11 @@ def _overrides() -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> str:
-    """The Hydra app: one run in Hydra's output directory (a job directory in a sweep)."""
+    """The Hydra app: one run in Hydra's output directory (a job directory in a sweep),
+    holding the directory's lock; in a sweep, supervised (``supervise``)."""
     hc = HydraConfig.get()
-    return run(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN)
+    multirun = hc.mode == RunMode.MULTIRUN
+    return supervise.launch(run, cfg, Path(hc.runtime.output_dir), multirun=multirun)
 
 
 def main() -> None:
@@ -795,6 +851,8 @@ def main() -> None:
     flags = [a for a in args if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in args if a not in flags]
     app()
+    if supervise.sweep_problems:  # jobs of the sweep that did not finish (logged): exit 1
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,420 @@
+"""Crash safety around one training run: supervision, stop signals, run-directory locks.
+
+- :func:`launch` is what the Hydra app calls. It locks the run directory (:class:`RunDirLock`:
+  two processes never write one run) and, in ``--multirun`` sweeps (``supervise=auto``), runs
+  the training in a forked child process it waits for. A hard crash of the child (SIGKILL, the
+  OOM killer, ``os._exit``, a segfault) is then recorded in ``run.json`` as ``failed`` with the
+  exit signal or code, and the Hydra job returns normally, so the basic and joblib launchers go
+  on with the other jobs instead of losing the whole sweep. Forking costs milliseconds (a
+  fresh interpreter would re-import torch: seconds), the child inherits Hydra's logging, and
+  the training loop is untouched.
+- :class:`StopSignals`: SIGTERM, SIGINT and the scheduler's preemption signal (SIGUSR2, or
+  ``$SUBMITIT_PREEMPT_SIGNAL``, as submitit and SLURM send before a time limit) only set a
+  flag; the training loop checkpoints at the end of the current step, records ``failed``
+  (terminated / interrupted) or ``timeout`` (preempted), then hands the signal to whoever
+  handled it before (submitit requeues the job, which resumes from the checkpoint; otherwise
+  the process ends as the signal asks). A supervisor forwards these signals to its child and
+  honours them itself once the child has stopped.
+- :class:`DebugFaults`: the hard-fault test hooks ``debug.exit_at_step``, ``kill_at_step``,
+  ``term_at_step`` (first attempt only) and ``preempt_after`` (every attempt).
+- :class:`SweepOutcome`: a Hydra callback that lists the jobs of a sweep that did not finish;
+  ``gradbench-train --multirun`` then exits 1 (jobs never raise, so every job runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from benchmarks.records import RUN_JSON, RunRecord, now_iso
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no run-directory locks
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+#: The signal a scheduler sends before preempting or timing out a job (submitit's choice).
+PREEMPT_SIGNAL: signal.Signals = getattr(
+    signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2
+)
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, PREEMPT_SIGNAL)
+#: Set in a supervised child: the supervisor's pid (where a scheduler's signals arrive).
+SUPERVISOR_ENV = "GRADBENCH_SUPERVISOR_PID"
+#: The lock file of a run directory (held while a process writes the run).
+LOCK = ".lock"
+#: Jobs of the last ``--multirun`` sweep that did not finish (set by :class:`SweepOutcome`).
+sweep_problems: list[str] = []
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class RunFailedError(RuntimeError):
+    """A supervised single run did not succeed (its ``run.json`` says why)."""
+
+
+# ------------------------------------------------------------------------------ locks
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock`` for as long as the ``with`` block runs.
+
+    The kernel drops the lock when its holder dies (even by SIGKILL), so a lock is never stale;
+    a second writer fails at once with :class:`RunDirBusyError`. A forked child shares it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fh: Any = None
+
+    def __enter__(self) -> RunDirLock:
+        if fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # held open as long as the lock is held
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunDirBusyError(
+                f"{self.path.parent} is in use by another process (pid {holder}); two writers "
+                "must never share a run directory: wait for it to end, or choose another "
+                "hydra.run.dir / hydra.sweep.dir"
+            ) from None
+        except OSError as err:  # e.g. ENOLCK on a filesystem without locks
+            log.warning("cannot lock %s (%s); continuing without a lock", self.path, err)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# ------------------------------------------------------------------------------ signals
+
+
+def deliver(signum: int, handler: Any) -> None:
+    """Let ``handler`` (a previous disposition of ``signum``) act on the signal now.
+
+    A Python handler is called; ``SIG_IGN`` does nothing; the default action is taken by
+    re-raising the signal with the default disposition (the process usually ends).
+    """
+    if callable(handler):
+        handler(signum, None)
+    elif handler != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        raise SystemExit(128 + signum)  # if the default action did not end the process
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and :data:`PREEMPT_SIGNAL` as a request to checkpoint and stop.
+
+    The handler only records the first signal in :attr:`signum` (a second SIGINT raises
+    ``KeyboardInterrupt`` at once); the training loop reads it once per step. Handlers are
+    installed from the main thread only (elsewhere the signals keep their dispositions).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        """Install the handlers, remembering the previous ones."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+            log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        """Put the previous handlers back, except for the signal already received: it is
+        ignored until :meth:`finish` has recorded the outcome (a scheduler or a supervisor
+        may send it again meanwhile), and :meth:`finish` then restores and delivers it."""
+        for sig, handler in self.previous.items():
+            handler = signal.SIG_DFL if handler is None else handler
+            signal.signal(sig, signal.SIG_IGN if sig == self.signum else handler)
+
+    def outcome(self, step: int) -> tuple[str, str]:
+        """The ``(status, reason)`` of a run stopped by :attr:`signum` after ``step``."""
+        name = signal.Signals(self.signum).name
+        if self.signum == PREEMPT_SIGNAL:
+            return "timeout", (
+                f"preempted or out of time ({name}) at step {step}; checkpoint saved: submitit "
+                "requeues the job, or re-run the same command to resume"
+            )
+        verb = "interrupted" if self.signum == signal.SIGINT else "terminated"
+        return "failed", (
+            f"{verb} by {name} at step {step}; checkpoint saved: re-run the same command to resume"
+        )
+
+    def finish(self, record: RunRecord, step: int) -> str:
+        """Record the stopped run's status, then hand the signal to its previous handler
+        (submitit requeues; a default disposition ends the process). Returns the status if
+        the process goes on."""
+        status, reason = self.outcome(step)
+        record.update(status=status, reason=reason, last_step=step, end_time=now_iso())
+        log.warning(reason)
+        assert self.signum is not None
+        handler = self.previous.get(self.signum) or signal.SIG_DFL
+        if self.signum in self.previous:
+            signal.signal(self.signum, handler)
+        deliver(self.signum, handler)
+        return status
+
+
+# ------------------------------------------------------------------------------ test hooks
+
+
+class DebugFaults:
+    """Hard faults injected by the ``debug.*`` test hooks before a given step.
+
+    ``exit_at_step`` (``os._exit(3)``), ``kill_at_step`` (SIGKILL to itself) and
+    ``term_at_step`` (SIGTERM to itself) fire in a run's first attempt only, like a transient
+    crash, so re-running the same command shows the recovery; ``preempt_after`` sends the
+    preemption signal to every process of the job (the supervisor, if any, and itself) after
+    that many steps of every attempt, like SLURM before a time limit.
+    """
+
+    def __init__(self, debug: Any, start_step: int, first_attempt: bool) -> None:
+        def first(key: str) -> int | None:
+            return debug.get(key) if first_attempt else None
+
+        self.exit_at, self.kill_at, self.term_at = (
+            first("exit_at_step"), first("kill_at_step"), first("term_at_step"),
+        )  # fmt: skip
+        after = debug.get("preempt_after")
+        self.preempt_at = start_step + after if after else None
+
+    @classmethod
+    def build(cls, debug: Any, start_step: int, first_attempt: bool) -> DebugFaults | None:
+        """The armed hooks, or None when none is (the training loop then checks nothing)."""
+        faults = cls(debug, start_step, first_attempt)
+        armed = (faults.exit_at, faults.kill_at, faults.term_at, faults.preempt_at)
+        return faults if any(v is not None for v in armed) else None
+
+    def before_step(self, step: int) -> None:
+        """Fire the hooks set for ``step`` (the step about to be taken, 1-based)."""
+        if step == self.exit_at:
+            os._exit(3)
+        if step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if step == self.preempt_at:  # to every process of the job, as SLURM signals a step
+            supervisor = os.environ.get(SUPERVISOR_ENV)
+            if supervisor:
+                os.kill(int(supervisor), PREEMPT_SIGNAL)
+            os.kill(os.getpid(), PREEMPT_SIGNAL)
+
+
+# ------------------------------------------------------------------------------ supervision
+
+
+def _should_supervise(cfg: DictConfig, multirun: bool) -> bool:
+    setting = str(cfg.get("supervise", "auto")).lower()
+    wanted = setting == "true" or (setting == "auto" and multirun)
+    return wanted and hasattr(os, "fork") and sys.platform.startswith("linux")
+
+
+def launch(run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool = False) -> str:
+    """``run(cfg, run_dir, multirun=...)`` under the run-directory lock, supervised when
+    ``cfg.supervise`` says so (``auto``: in ``--multirun`` sweeps). Returns the run's status.
+
+    Supervised, a failure never raises in a sweep (``run.json`` holds it and
+    :class:`SweepOutcome` makes the sweep exit 1); in a single run it raises
+    :class:`RunFailedError`.
+    """
+    run_dir = Path(run_dir)
+    with RunDirLock(run_dir):
+        if not _should_supervise(cfg, multirun):
+            return run(cfg, run_dir, multirun=multirun)
+        status, reason = _supervise(run, cfg, run_dir, multirun)
+    if status == "failed" and not multirun:
+        raise RunFailedError(f"{run_dir}: {reason}")
+    return status
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+
+
+def _supervise(
+    run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool
+) -> tuple[str, str | None]:
+    """Fork, run in the child, wait, record a hard crash, honour forwarded signals."""
+    received: list[int] = []
+    child = 0
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    _warm_up()
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if main else {}
+    try:
+        _flush()
+        parent = os.getpid()
+        child = os.fork()
+        if child == 0:
+            _child(run, cfg, run_dir, multirun, parent)  # never returns
+        for sig in received:  # arrived while forking
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
+        _, wait_status = os.waitpid(child, 0)
+        code = os.waitstatus_to_exitcode(wait_status)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    status, reason = _post_mortem(run_dir, code, received)
+    if received:  # the signal was meant for this process too: act on it now the child is done
+        try:
+            deliver(received[0], previous.get(received[0], signal.SIG_DFL))
+        except Exception as err:  # submitit: "timed-out too many times" (not requeued)
+            log.warning("%s: not requeued: %s", run_dir, err)
+    return status, reason
+
+
+_warmed = False
+
+
+def _warm_up() -> None:
+    """Do once, in the supervisor, the lazy imports every run triggers (``torch.optim``
+    imports ``torch._dynamo``: about 3 s here; pyarrow for the metrics file), so that forked
+    children inherit them instead of repeating them; and create tqdm's multiprocessing lock
+    here, where it is released at exit (a child leaves with ``os._exit``). No tensor work
+    happens here: a child forked after its parent ran OpenMP threads can deadlock."""
+    global _warmed
+    if _warmed:
+        return
+    import pyarrow.parquet  # noqa: F401
+    import torch
+    from tqdm import tqdm
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    tqdm.get_lock()
+    _warmed = True
+
+
+def _child(
+    run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool, parent: int
+) -> None:
+    """The forked child: default signal dispositions, die with the parent, run, exit."""
+    code = 1
+    try:
+        for sig in STOP_SIGNALS:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, default)
+        _die_with_parent()
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+        os.environ[SUPERVISOR_ENV] = str(parent)
+        if cfg.get("threads"):  # before any tensor work (see _warm_up)
+            import torch
+
+            torch.set_num_threads(int(cfg.threads))
+        run(cfg, run_dir, multirun=multirun)
+        code = 0
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        _flush()
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG), so
+    an orphan checkpoints and stops instead of writing on beside a re-run."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _post_mortem(run_dir: Path, code: int, received: list[int]) -> tuple[str, str | None]:
+    """The run's status after its child exited with ``code``; record a death the child could
+    not record itself (its ``run.json`` still says ``running``, or there is none)."""
+    record = RunRecord.load(run_dir / RUN_JSON)
+    if record is not None and record.status != "running":
+        if record.status == "failed":
+            log.error("%s failed: %s", run_dir, record.data.get("reason"))
+        return str(record.status), record.data.get("reason")
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+    last = record.data.get("last_step") if record is not None else None
+    where = f" (last checkpoint at step {last})" if last else ""
+    preempted = -code == PREEMPT_SIGNAL and PREEMPT_SIGNAL in received
+    status = "timeout" if preempted else "failed"
+    reason = (
+        f"the training process {how} before recording an outcome{where}; re-run the same "
+        "command to resume from the last checkpoint"
+    )
+    record = record or RunRecord(run_dir / RUN_JSON, {})
+    record.update(status=status, reason=reason, end_time=now_iso())
+    log.error("%s %s: %s", run_dir, status, reason)
+    return status, reason
+
+
+# ------------------------------------------------------------------------------ sweeps
+
+
+class SweepOutcome(Callback):
+    """Hydra callback: at the end of a ``--multirun`` sweep, log every job directory whose
+    ``run.json`` is not ``completed`` or ``diverged`` and remember them in
+    :data:`sweep_problems` (``gradbench-train`` then exits 1)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        problems = []
+        for job in sorted(sweep_dir.glob("*/")):
+            if not job.name.isdigit():
+                continue
+            record = RunRecord.load(job / RUN_JSON)
+            status = record.status if record is not None else "missing"
+            if status not in ("completed", "diverged"):
+                reason = record.data.get("reason") if record is not None else "no run.json"
+                problems.append(f"{job}: {status}: {reason}")
+        sweep_problems[:] = problems
+        for line in problems:
+            log.error("not finished: %s", line)
+        if problems:
+            log.error(
+                "%d job(s) of %s did not finish; re-run the same command to resume them",
+                len(problems), sweep_dir,
+            )  # fmt: skip
