@@ -83,7 +83,6 @@ class Problem:
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_gradient_estimate(benchmark, config, s) -> None:
     """Time one estimate + backward; extra_info records estimator, family, S and f_evals."""
-    torch.set_num_threads(torch.get_num_threads())
     name, opts, family = config
     est = estimators.get(name, **opts)
     s = max(s, est.min_samples)

@@ -57,7 +57,7 @@ from benchmarks.data import (
     eval_binarized,
     load_dataset,
 )
-from benchmarks.probe import GradientEMA, ProbeRunner, basket_entry
+from benchmarks.probe import GradientEMA, ProbeRunner, basket_entry, eval_binarized_probe_batch
 from benchmarks.probe import build_estimator as build_probe_estimator
 from benchmarks.records import (
     METRICS,
@@ -444,7 +444,7 @@ def build_probe(
             raise ConfigError(f"probe.basket[{i}]: {err}") from err
         label = entry.get("label") or estimator_label(entry, None)
         basket.append((label, est.to(device)))
-    batch = eval_binarized(data.train[: cfg.optim.batch_size], cfg.data.binarization, seed=2)
+    batch = eval_binarized_probe_batch(cfg, data)
     runner = ProbeRunner(
         basket, batch.to(device), num_estimates=pr.num_estimates, groups=pr.groups,
         chunk=pr.chunk, reference=pr.reference, reference_samples=pr.reference_samples,
