@@ -362,6 +362,7 @@ def handwritten_step(s: Setup) -> Callable[[], Tensor]:
         betas=tuple(OPTIM.betas),
         eps=OPTIM.eps,
         fused=s.fused,
+        estimator_params=[p.detach().clone() for p in s.estimator.parameters()],
     )
     x, sync = s.x, _sync(s.device)
 

@@ -69,6 +69,8 @@ class HandwrittenStep:
       estimator, options, num_samples: the estimator (see :data:`SUPPORTED`) with its
         options (``baseline``, ``decay``, ``temperature``, ``straight_through``) and ``S``.
       lr, betas, eps, fused: ``torch.optim.Adam``'s settings.
+      estimator_params: the estimator's own parameters in ``estimator.parameters()`` order
+        (copies of a harness estimator's), used as leaves and optimized with the model.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class HandwrittenStep:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         fused: bool | None = None,
+        estimator_params: Sequence[Tensor] = (),
     ) -> None:
         options = dict(options or {})
         if not supports(estimator, family, options):
@@ -98,7 +101,12 @@ class HandwrittenStep:
         self.tau = float(options.get("temperature", 1.0))
         self.st = bool(options.get("straight_through", False))
         self.average, self.count = torch.zeros((), device=self.params[0].device), 0
-        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=betas, eps=eps, fused=fused)
+        # The estimator's own parameters (NVIL's baseline network, REBAR's eta, ...), in
+        # ``estimator.parameters()`` order, optimized with the model as the harness does.
+        self.est_params = [p.requires_grad_() for p in estimator_params]
+        self.optimizer = torch.optim.Adam(
+            [*self.params, *self.est_params], lr=lr, betas=betas, eps=eps, fused=fused
+        )
 
     # ----------------------------------------------------------------------- the model
 
