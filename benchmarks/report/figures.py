@@ -9,6 +9,7 @@ absent is skipped, and the skip is returned with its reason.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,6 +412,10 @@ def _flat_grid(
     return fig, axes[:n], width
 
 
+#: Characters per line of a panel title (a third of a paper's text width at PAPER_RC).
+TITLE_CHARS = 30
+
+
 def basket_figure(
     df: pd.DataFrame, style: EstimatorStyle, out_dir: Path, n_boot: int = 1000, seed: int = 0
 ) -> FigureResult:
@@ -444,7 +449,8 @@ def basket_figure(
         fig, axes, width = _flat_grid(len(groups), 3)
         for ax, (key, part) in zip(axes, groups, strict=True):
             used.update(_lineplot(ax, part, style, "probe_label", n_boot, seed))
-            title = f"trajectory: {key[-1]}"
+            # Wrapped so that long labels (``reinforce (moving_average)``) stay in the panel.
+            title = textwrap.fill(f"trajectory: {key[-1]}", width=TITLE_CHARS)
             ax.set_title(f"{title}\n{_facet_text(key[:-1])}" if multi_facet else title)
             ax.set_xlabel("training step")
             ax.set_ylabel("log10 gradient variance")
@@ -677,7 +683,8 @@ def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> 
             else:
                 ax.set_xticks([])
                 ax.set_xlabel("estimator")
-            ax.set_title(" · ".join(str(k).replace("_", " ") for k in key))
+            words = [str(k).replace("_", " ") for k in key]  # (kind, *facet): two lines
+            ax.set_title(f"{words[0]}\n{' · '.join(words[1:])}" if len(words) > 1 else words[0])
             ax.grid(True, alpha=0.5)
         result.colors = _legend(fig, style, sorted(used), width)
         result.files = _save(fig, out_dir, name)
