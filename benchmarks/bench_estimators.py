@@ -6,8 +6,18 @@ Problem: a batch of 100 binarized 784-pixel examples, a linear Bernoulli decoder
 (rloo uses S = 2 in place of 1). The estimator's distribution parameters are leaves, so the
 timing is the estimator's own cost plus f and its backward.
 
+Three tests per estimator make the S = 8 cost interpretable:
+
+- ``test_gradient_estimate[config-S]``: one call with ``S`` samples, vectorized;
+- ``test_gradient_estimate_looped[config]``: the same 8 samples drawn by a Python loop of calls
+  with the smallest ``S`` (what a non-vectorized estimator would cost);
+- ``test_f_alone[family-S]``: f and its backward alone at ``S`` samples (gradients for W, c
+  and, for pathwise estimators, z), the part of a call no estimator can avoid: its cost is
+  linear in ``S`` (``S x B`` rows through a 200 x 784 matmul and 784 log-sigmoids each).
+
 Run: ``pytest benchmarks/bench_estimators.py --benchmark-enable --benchmark-json OUT.json``
-then ``python -m benchmarks.bench_summary OUT.json`` for the S=8 / S=1 cost ratios.
+then ``python -m benchmarks.bench_summary OUT.json`` for the S=8 / S=1 cost ratios, the
+vectorized / looped ratio and the split into f and the estimator's own work.
 """
 
 from __future__ import annotations
@@ -20,6 +30,9 @@ from torch.distributions import Bernoulli, Independent, Normal, OneHotCategorica
 import estimators
 
 BATCH, PIXELS, UNITS = 100, 784, 200
+#: The vectorized call's S; S = 1 (2 for rloo) is the smallest call, and the looped test
+#: makes LARGE_S / smallest calls.
+LARGE_S = 8
 
 CONFIGS = [
     ("reparam", {}, "gaussian"),
@@ -54,6 +67,8 @@ class Problem:
             self.params = [torch.zeros(BATCH, UNITS).requires_grad_()]
         else:
             self.params = [torch.zeros(BATCH, 20, 10).requires_grad_()]
+        shape = (LARGE_S, *self.params[0].shape)  # fixed samples for f_alone (values irrelevant)
+        self.samples = (torch.rand(shape, generator=g) < 0.5).float()
 
     def dist(self):
         if self.family == "gaussian":
@@ -78,22 +93,77 @@ class Problem:
             loss = loss + out.aux_loss
         loss.backward()
 
+    def f_alone(self, s: int, pathwise: bool, forward_only_evals: int = 0) -> None:
+        """f and its backward at ``s`` fixed samples (gradients for W, c and, if
+        ``pathwise``, the samples), plus ``forward_only_evals`` more forward passes of f at
+        ``s`` samples without gradient (relaxed gumbel_softmax's objective at the hard
+        samples), without any estimator."""
+        for p in (self.w, self.c):
+            p.grad = None
+        z = self.samples[:s].detach().requires_grad_(pathwise)
+        (-self.f(z).sum()).backward()
+        with torch.no_grad():
+            for _ in range(forward_only_evals):
+                self.f(self.samples[:s])
 
-@pytest.mark.parametrize("s", [1, 8])
+
+def _info(benchmark, config, s: int, kind: str) -> None:
+    benchmark.extra_info.update(
+        {
+            "estimator": _config_id(config),
+            "family": config[2],
+            "num_samples": s,
+            "kind": kind,
+            "threads": torch.get_num_threads(),
+        }
+    )
+
+
+@pytest.mark.parametrize("s", [1, LARGE_S])
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_gradient_estimate(benchmark, config, s) -> None:
-    """Time one estimate + backward; extra_info records estimator, family, S and f_evals."""
+    """Time one estimate + backward; extra_info records estimator, family, S and kind."""
     name, opts, family = config
     est = estimators.get(name, **opts)
     s = max(s, est.min_samples)
     problem = Problem(family)
-    benchmark.extra_info.update(
-        {
-            "estimator": _config_id(config),
-            "family": family,
-            "num_samples": s,
-            "threads": torch.get_num_threads(),
-        }
-    )
+    _info(benchmark, config, s, "vectorized")
     benchmark.pedantic(problem.step, args=(est, s), rounds=30, iterations=3, warmup_rounds=3)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in problem.params)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_gradient_estimate_looped(benchmark, config) -> None:
+    """Time LARGE_S samples drawn by a Python loop of the smallest calls (each with its
+    backward): the cost a vectorized S = LARGE_S call is compared against."""
+    name, opts, family = config
+    est = estimators.get(name, **opts)
+    s = est.min_samples
+    problem = Problem(family)
+
+    def looped() -> None:
+        for _ in range(LARGE_S // s):
+            problem.step(est, s)
+
+    _info(benchmark, config, LARGE_S, "looped")
+    benchmark.pedantic(looped, rounds=10, iterations=1, warmup_rounds=2)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in problem.params)
+
+
+@pytest.mark.parametrize("s", [1, LARGE_S])
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_f_alone(benchmark, config, s) -> None:
+    """Time f and its backward alone at the S of each of the estimator's calls."""
+    name, opts, family = config
+    est = estimators.get(name, **opts)
+    s = max(s, est.min_samples)
+    problem = Problem(family)
+    # The f-evaluations of one call: S with a backward, the rest (relaxed gumbel_softmax's
+    # objective at the hard samples) forward only.
+    extra = est(problem.dist(), problem.f, num_samples=s).f_evals // s - 1
+    _info(benchmark, config, s, "f_alone")
+    pathwise = name in ("reparam", "gumbel_softmax")
+    benchmark.pedantic(
+        problem.f_alone, args=(s, pathwise, extra), rounds=30, iterations=3, warmup_rounds=3
+    )
+    assert problem.w.grad is not None and torch.isfinite(problem.w.grad).all()

@@ -1,4 +1,14 @@
-"""Summarize a micro-benchmark JSON: median time per call and the S=8 / smallest-S ratio.
+"""Summarize a micro-benchmark JSON (``benchmarks/bench_estimators.py``).
+
+Per estimator (medians of pytest-benchmark):
+
+- ``S=8 / S=1``: the cost of one vectorized call with 8 samples over one with the smallest
+  ``S`` (1; 2 for rloo);
+- ``vectorized / looped``: the S = 8 call over the same 8 samples drawn by a Python loop of
+  smallest calls (a loop costs about 8x the smallest call; vectorizing should cost less);
+- ``f share``: the fraction of the S = 8 call spent in f and its backward alone;
+- ``own S=8 / S=1``: the ratio of the estimator's own work, call minus f alone at the same
+  ``S`` (sampling, log-probabilities, baselines, the surrogate and their backward).
 
 Usage: ``python -m benchmarks.bench_summary OUT.json``.
 """
@@ -8,30 +18,93 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 
 
-def ratios(path: str) -> list[tuple[str, int, float, int, float, float]]:
-    """Rows (estimator, S_small, median_small_ms, S_large, median_large_ms, ratio)."""
+@dataclass(frozen=True)
+class Scaling:
+    """Median seconds of one estimator's micro-benchmarks and the ratios derived from them."""
+
+    estimator: str
+    s_small: int
+    s_large: int
+    small: float  # one vectorized call with s_small samples
+    large: float  # one vectorized call with s_large samples
+    looped: float | None = None  # s_large samples through a loop of s_small calls
+    f_small: float | None = None  # f and its backward alone at s_small
+    f_large: float | None = None  # ... at s_large
+
+    @property
+    def ratio(self) -> float:
+        """``large / small``: the S = 8 / S = 1 cost ratio."""
+        return self.large / self.small
+
+    @property
+    def vs_looped(self) -> float | None:
+        """``large / looped``: vectorized over looped cost of the same samples."""
+        return None if self.looped is None else self.large / self.looped
+
+    @property
+    def f_share(self) -> float | None:
+        """Fraction of the ``s_large`` call spent in f alone."""
+        return None if self.f_large is None else self.f_large / self.large
+
+    @property
+    def own_ratio(self) -> float | None:
+        """``(large - f_large) / (small - f_small)``: the estimator's own work's ratio."""
+        if self.f_small is None or self.f_large is None or self.small <= self.f_small:
+            return None
+        return (self.large - self.f_large) / (self.small - self.f_small)
+
+
+def scalings(path: str) -> list[Scaling]:
+    """One :class:`Scaling` per estimator in a pytest-benchmark JSON file."""
     with open(path) as fh:
         data = json.load(fh)
-    by_est: dict[str, dict[int, float]] = defaultdict(dict)
+    times: dict[str, dict[tuple[str, int], float]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        by_est[info["estimator"]][info["num_samples"]] = bench["stats"]["median"]
+        kind = info.get("kind", "vectorized")  # files from before the looped / f tests
+        times[info["estimator"]][kind, info["num_samples"]] = bench["stats"]["median"]
     rows = []
-    for est, times in sorted(by_est.items()):
-        lo, hi = min(times), max(times)
-        rows.append((est, lo, 1e3 * times[lo], hi, 1e3 * times[hi], times[hi] / times[lo]))
+    for est, t in sorted(times.items()):
+        sizes = sorted(s for kind, s in t if kind == "vectorized")
+        lo, hi = sizes[0], sizes[-1]
+        rows.append(
+            Scaling(
+                est,
+                lo,
+                hi,
+                t["vectorized", lo],
+                t["vectorized", hi],
+                t.get(("looped", hi)),
+                t.get(("f_alone", lo)),
+                t.get(("f_alone", hi)),
+            )
+        )
     return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print a Markdown table of the ratios."""
     argv = sys.argv[1:] if argv is None else argv
-    print("| estimator | S | median ms | S | median ms | ratio |")
-    print("|---|---|---|---|---|---|")
-    for est, lo, t_lo, hi, t_hi, ratio in ratios(argv[0]):
-        print(f"| {est} | {lo} | {t_lo:.2f} | {hi} | {t_hi:.2f} | {ratio:.2f}x |")
+    print(
+        "| estimator | S | ms | S | ms | S=8 / S=1 | looped ms | vectorized / looped "
+        "| f share at S=8 | own S=8 / S=1 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in scalings(argv[0]):
+        looped = None if r.looped is None else 1e3 * r.looped
+        print(
+            f"| {r.estimator} | {r.s_small} | {1e3 * r.small:.2f} | {r.s_large} "
+            f"| {1e3 * r.large:.2f} | {r.ratio:.2f}x | {_fmt(looped, '.2f')} "
+            f"| {_fmt(r.vs_looped, '.2f')} | {_fmt(r.f_share, '.0%')} "
+            f"| {_fmt(r.own_ratio, '.2f')}{'x' if r.own_ratio is not None else ''} |"
+        )
     return 0
 
 
