@@ -167,6 +167,15 @@ class EstimatorBase(nn.Module):
         return f"num_samples={self.num_samples}"
 
 
+def sample_score_inputs(
+    dist: Distribution, f: Objective, num_samples: int
+) -> tuple[Tensor, Tensor]:
+    """What every score-function estimator starts from: ``log q(z)`` and ``f(z)`` (both
+    ``[S, *B]``) at ``S`` exact samples ``z ~ q`` (drawn with ``sample``: no gradient path)."""
+    z = dist.sample((num_samples,))  # [S, *B, *E]
+    return dist.log_prob(z), f(z)
+
+
 def score_surrogate(f_values: Tensor, log_q: Tensor, signal: Tensor) -> Tensor:
     """Per-sample surrogate ``f + stop(signal) * (log q - stop(log q))``.
 

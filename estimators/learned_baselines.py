@@ -11,7 +11,14 @@ from torch.distributions import Distribution
 from torch.nn.parameter import UninitializedParameter
 
 from estimators._options import boolean, positive_int, unit_interval
-from estimators.base import FAMILIES, Estimate, EstimatorBase, Objective, score_surrogate
+from estimators.base import (
+    FAMILIES,
+    Estimate,
+    EstimatorBase,
+    Objective,
+    sample_score_inputs,
+    score_surrogate,
+)
 from estimators.registry import register
 
 
@@ -124,9 +131,7 @@ class NVIL(EstimatorBase):
         family: str,
         context: Tensor | None,
     ) -> Estimate:
-        z = dist.sample((num_samples,))  # [S, *B, *E]
-        log_q = dist.log_prob(z)  # [S, *B]
-        fz = f(z)  # [S, *B]
+        log_q, fz = sample_score_inputs(dist, f, num_samples)  # [S, *B] each
         fd = fz.detach()
         b = self.baseline(context, dist.batch_shape).to(fd.dtype)  # [*B] or []
         correction = (1.0 - self.decay**self.count).clamp_min(1e-30)
@@ -197,9 +202,7 @@ class VIMCO(EstimatorBase):
         family: str,
         context: Tensor | None,
     ) -> Estimate:
-        z = dist.sample((num_samples,))  # [S, *B, *E]
-        log_q = dist.log_prob(z)  # [S, *B]
-        w = f(z)  # [S, *B]
+        log_q, w = sample_score_inputs(dist, f, num_samples)  # [S, *B] each
         log_s = math.log(num_samples)
         bound = torch.logsumexp(w, 0) - log_s  # [*B]; its gradient is sum_s w~_s grad w_s
         wd = w.detach()

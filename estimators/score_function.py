@@ -5,7 +5,14 @@ from __future__ import annotations
 from torch import Tensor
 from torch.distributions import Distribution
 
-from estimators.base import FAMILIES, Estimate, EstimatorBase, Objective, score_surrogate
+from estimators.base import (
+    FAMILIES,
+    Estimate,
+    EstimatorBase,
+    Objective,
+    sample_score_inputs,
+    score_surrogate,
+)
 from estimators.baselines import make_baseline
 from estimators.registry import register
 
@@ -54,9 +61,7 @@ class Reinforce(EstimatorBase):
         family: str,
         context: Tensor | None,
     ) -> Estimate:
-        z = dist.sample((num_samples,))  # [S, *B, *E], no gradient path
-        log_q = dist.log_prob(z)  # [S, *B]
-        fz = f(z)  # [S, *B]
+        log_q, fz = sample_score_inputs(dist, f, num_samples)  # [S, *B] each
         signal = fz.detach() - self.baseline(fz)
         surrogate = score_surrogate(fz, log_q, signal).mean(0)
         return Estimate(fz.detach().mean(0), surrogate, None, num_samples)
@@ -99,9 +104,7 @@ class RLOO(EstimatorBase):
         family: str,
         context: Tensor | None,
     ) -> Estimate:
-        z = dist.sample((num_samples,))  # [S, *B, *E]
-        log_q = dist.log_prob(z)  # [S, *B]
-        fz = f(z)  # [S, *B]
+        log_q, fz = sample_score_inputs(dist, f, num_samples)  # [S, *B] each
         fd = fz.detach()
         loo_mean = (fd.sum(0, keepdim=True) - fd) / (num_samples - 1)  # [S, *B]
         surrogate = score_surrogate(fz, log_q, fd - loo_mean).mean(0)
