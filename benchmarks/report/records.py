@@ -21,21 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-METRIC_COLUMNS = (
-    "run_id",
-    "estimator",
-    "estimator_label",
-    "family",
-    "dataset",
-    "model",
-    "seed",
-    "step",
-    "wall_time",
-    "f_evals",
-    "split",
-    "metric",
-    "value",
-)
+from benchmarks.records import COLUMNS as METRIC_COLUMNS  # torch-free, like this package
+
 IDENTITY_COLUMNS = ("estimator", "estimator_label", "family", "dataset", "model", "seed")
 FACET_COLUMNS = ("family", "model", "dataset")
 NOT_COMPLETED = ("running", "diverged", "failed", "timeout", "missing")
@@ -400,7 +387,7 @@ def load_records(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFram
                    "value": float}  # fmt: skip
         metrics = pd.DataFrame(
             {c: pd.Series(dtype=numeric.get(c, object)) for c in
-             [*METRIC_COLUMNS, "status", "probe_estimator", "probe_label"]}
+             [*METRIC_COLUMNS, "status", "probe_label"]}
         )  # fmt: skip
     return metrics, runs
 
