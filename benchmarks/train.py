@@ -492,9 +492,15 @@ def compiled_estimate_loss() -> Callable[..., tuple[torch.Tensor, estimators.Est
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """Backpropagate ``loss`` and take one optimizer step."""
+    """Backpropagate ``loss`` into the optimizer's parameters and take one optimizer step.
+
+    The backward pass is restricted to the optimized parameters (``inputs=``): graph branches
+    that lead only to other leaves (REBAR / RELAX's detached copy of the logits, whose
+    second-order terms reach ``aux_loss``) are not computed.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward(inputs=params)
     optimizer.step()
 
 
