@@ -96,7 +96,7 @@ PROBE_ESTIMATES = 100
 PROBE_MAX_ROWS = 100 * 100 * 8
 #: Options per estimator (one case each); estimators not listed use their defaults.
 OPTIONS: dict[str, list[dict[str, Any]]] = {
-    "reinforce": [{"baseline": "moving_average"}],
+    "reinforce": [{"baseline": "moving_average"}, {"baseline": "batch_mean"}],
     "gumbel_softmax": [{"temperature": 0.5}, {"temperature": 0.5, "straight_through": True}],
 }
 #: Estimators swept over batch size, S and architecture by default (Bernoulli latents).

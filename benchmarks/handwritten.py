@@ -14,10 +14,21 @@ Parameters are in ``VAE.parameters()`` order (encoder then decoder, weight then 
 layer), so ``HandwrittenStep([p.detach().clone() for p in vae.parameters()], ...)`` copies a
 harness model. Nothing here imports gradbench.
 
-Hand-written estimators (:data:`SUPPORTED`): ``reinforce`` (baseline ``none`` or
-``moving_average``), ``rloo`` (vectorized over ``S``), ``gumbel_softmax`` (relaxed or
-straight-through; like the harness, the relaxed version also evaluates ``f`` at the hard
-samples for the objective), ``reparam`` and ``disarm``.
+Hand-written estimators (:data:`SUPPORTED`), each vectorized over the ``S`` samples:
+
+- ``reinforce`` (baseline ``none``, ``moving_average`` or ``batch_mean``; Williams 1992) and
+  ``rloo`` (Kool et al. 2019), any family;
+- ``nvil`` (Mnih & Gregor 2014): REINFORCE with a one-tanh-layer baseline network of ``x``
+  (its weights are ``estimator_params``, trained by the squared centered signal) and
+  bias-corrected running mean and variance of ``f - b(x)`` kept here; any family;
+- ``vimco`` (Mnih & Rezende 2016): the ``S``-sample bound ``log mean_s exp f_s`` with
+  leave-one-out signals (``f_s`` replaced by the mean of the others), any family;
+- ``gumbel_softmax`` (relaxed or straight-through; like the harness, the relaxed version also
+  evaluates ``f`` at the hard samples for the objective), ``straight_through`` (Bengio et al.
+  2013) and ``gumbel_rao`` (Paulus et al. 2021: ``K`` draws of the logistic / Gumbel noise
+  conditioned on the hard sample), Bernoulli and categorical;
+- ``arm`` (Yin & Zhou 2019) and ``disarm`` (Dong et al. 2020), Bernoulli;
+- ``reparam``, Gaussian.
 """
 
 from __future__ import annotations
@@ -33,16 +44,23 @@ from torch import Tensor
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "reinforce": ("gaussian", "bernoulli", "categorical"),
     "rloo": ("gaussian", "bernoulli", "categorical"),
+    "nvil": ("gaussian", "bernoulli", "categorical"),
+    "vimco": ("gaussian", "bernoulli", "categorical"),
     "gumbel_softmax": ("bernoulli", "categorical"),
+    "straight_through": ("bernoulli", "categorical"),
+    "gumbel_rao": ("bernoulli", "categorical"),
     "reparam": ("gaussian",),
+    "arm": ("bernoulli",),
     "disarm": ("bernoulli",),
 }
+#: REINFORCE baselines with a hand-written version.
+BASELINES: tuple[str, ...] = ("none", "moving_average", "batch_mean")
 
 
 def supports(name: str, family: str, options: dict | None = None) -> bool:
     """Whether a hand-written version of estimator ``name`` with ``options`` exists."""
     baseline = (options or {}).get("baseline", "none")
-    return family in SUPPORTED.get(name, ()) and baseline in ("none", "moving_average")
+    return family in SUPPORTED.get(name, ()) and baseline in BASELINES
 
 
 def mlp(h: Tensor, layers: Sequence[Tensor]) -> Tensor:
@@ -55,11 +73,18 @@ def mlp(h: Tensor, layers: Sequence[Tensor]) -> Tensor:
     return h
 
 
+def linear_init(fan_in: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """``nn.Linear``'s default initialization: uniform in ``+-1/sqrt(fan_in)``."""
+    bound = 1 / math.sqrt(fan_in)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
+
+
 class HandwrittenStep:
     """One training step of the VAE with a hand-written estimator: ``step(x) -> loss``.
 
-    ``loss = -(1/B) sum_b surrogate_b`` (as in ``benchmarks.train.estimate_loss``), then
-    ``zero_grad``, ``backward`` and an Adam step. :meth:`loss` alone is the forward pass.
+    ``loss = -(1/B) sum_b surrogate_b + aux_loss`` (as in ``benchmarks.train.estimate_loss``;
+    ``aux_loss`` is NVIL's baseline loss, zero otherwise), then ``zero_grad``, ``backward`` and
+    an Adam step. :meth:`loss` alone is the forward pass.
 
     Args:
       params: ``[*encoder, *decoder]`` weights and biases in ``VAE.parameters()`` order; used
@@ -67,10 +92,14 @@ class HandwrittenStep:
       family, latent_dim, n_categories: the latent space (categorical: ``latent_dim``
         variables of ``n_categories`` classes).
       estimator, options, num_samples: the estimator (see :data:`SUPPORTED`) with its
-        options (``baseline``, ``decay``, ``temperature``, ``straight_through``) and ``S``.
+        options (``baseline``, ``decay``, ``temperature``, ``straight_through``,
+        ``num_rao_samples``, ``hidden``, ``normalize``) and ``S``.
       lr, betas, eps, fused: ``torch.optim.Adam``'s settings.
       estimator_params: the estimator's own parameters in ``estimator.parameters()`` order
-        (copies of a harness estimator's), used as leaves and optimized with the model.
+        (copies of a harness estimator's), used as leaves and optimized with the model. NVIL:
+        ``[scalar, w1, b1, w2, b2]`` (the harness's baseline without context, unused here, then
+        the baseline network); without them they are made as the harness does (zero, and
+        ``nn.Linear``'s initialization with ``hidden`` units).
     """
 
     def __init__(
@@ -100,7 +129,23 @@ class HandwrittenStep:
         self.decay = float(options.get("decay", 0.99))
         self.tau = float(options.get("temperature", 1.0))
         self.st = bool(options.get("straight_through", False))
-        self.average, self.count = torch.zeros((), device=self.params[0].device), 0
+        self.K = int(options.get("num_rao_samples", 10))
+        self.normalize = bool(options.get("normalize", False))
+        # Running statistics: the moving-average baseline's mean, or NVIL's mean and variance
+        # of the residual f - b(x); ``count`` updates so far (for the bias correction).
+        device = self.params[0].device
+        self.average, self.count = torch.zeros((), device=device), 0
+        self.variance = torch.zeros((), device=device)
+        estimator_params = list(estimator_params)
+        if estimator == "nvil" and not estimator_params:  # x -> tanh(W1 x + b1) -> W2 h + b2
+            d, hidden, like = self.enc[0].shape[1], int(options.get("hidden", 100)), params[0]
+            estimator_params = [
+                torch.zeros((), dtype=like.dtype, device=like.device),
+                linear_init(d, (hidden, d), like),
+                linear_init(d, (hidden,), like),
+                linear_init(hidden, (1, hidden), like),
+                linear_init(hidden, (1,), like),
+            ]
         # The estimator's own parameters (NVIL's baseline network, REBAR's eta, ...), in
         # ``estimator.parameters()`` order, optimized with the model as the harness does.
         self.est_params = [p.requires_grad_() for p in estimator_params]
@@ -128,17 +173,22 @@ class HandwrittenStep:
         logp = h.log_softmax(-1)  # [B, L, C]
         return self.L * math.log(self.C) + (logp.exp() * logp).sum((-2, -1))
 
-    def sample(self, h: Tensor) -> Tensor:
-        """``S`` exact samples of ``q``, no gradient: ``[S, B, L]`` (``[S, B, L, C]`` one-hot)."""
+    def probs(self, h: Tensor) -> Tensor:
+        """Bernoulli probabilities ``[B, L]`` or categorical probability vectors ``[B, L, C]``."""
+        return torch.sigmoid(h) if self.family == "bernoulli" else torch.softmax(h, -1)
+
+    def sample(self, h: Tensor, probs: Tensor | None = None) -> Tensor:
+        """``S`` exact samples of ``q``, no gradient: ``[S, B, L]`` (``[S, B, L, C]`` one-hot);
+        discrete families may pass their ``probs`` (computed from ``h`` if not)."""
         with torch.no_grad():
             if self.family == "gaussian":
                 loc, scale = h
                 return torch.normal(
                     loc.expand(self.S, *loc.shape), scale.expand(self.S, *loc.shape)
                 )
+            probs = self.probs(h) if probs is None else probs
             if self.family == "bernoulli":
-                return torch.bernoulli(torch.sigmoid(h).expand(self.S, *h.shape))
-            probs = torch.softmax(h, -1)
+                return torch.bernoulli(probs.expand(self.S, *h.shape))
             idx = torch.multinomial(probs.reshape(-1, self.C), self.S, True).T
             return F.one_hot(idx.reshape(self.S, *h.shape[:-1]), self.C).to(h.dtype)
 
@@ -155,7 +205,7 @@ class HandwrittenStep:
     # ------------------------------------------------------------------- the estimators
 
     def loss(self, x: Tensor) -> Tensor:
-        """The training loss ``-(1/B) sum_b surrogate_b`` on batch ``x`` ``[B, D]``."""
+        """The training loss ``-(1/B) sum_b surrogate_b + aux_loss`` on batch ``x`` ``[B, D]``."""
         h = mlp(x, self.enc)  # [B, H]
         if self.family == "gaussian":
             loc, raw = h.chunk(2, -1)
@@ -163,27 +213,52 @@ class HandwrittenStep:
         elif self.family == "categorical":
             h = h.unflatten(-1, (self.L, self.C))  # [B, L, C]
         kl = self.kl(h)  # [B]
-        S, name = self.S, self.estimator
-        if name in ("reinforce", "rloo"):
+        S, B, name = self.S, x.shape[0], self.estimator
+        aux_loss = None
+        if name in ("reinforce", "rloo", "nvil"):
             z = self.sample(h)
             log_q = self.log_q(h, z)
             f = self.log_px(x, z) - kl  # [S, B]
             fd = f.detach()
             if name == "rloo":
-                baseline = (fd.sum(0) - fd) / (S - 1)
+                signal = fd - (fd.sum(0) - fd) / (S - 1)
+            elif name == "nvil":
+                signal, aux_loss = self.nvil_signal(x, fd)
             elif self.baseline == "moving_average":
                 correction = 1 - self.decay**self.count
                 baseline = self.average / correction if self.count else 0.0
                 with torch.no_grad():
                     self.average.mul_(self.decay).add_(fd.mean(), alpha=1 - self.decay)
                 self.count += 1
+                signal = fd - baseline
+            elif self.baseline == "batch_mean":  # mean f of the other examples, all samples
+                per_example = fd.sum(0)  # [B]
+                signal = fd - (per_example.sum() - per_example) / ((B - 1) * S)
             else:
-                baseline = 0.0
-            surrogate = f + (fd - baseline) * (log_q - log_q.detach())
+                signal = fd
+            surrogate = (f + signal * (log_q - log_q.detach())).mean(0)
+        elif name == "vimco":
+            z = self.sample(h)
+            log_q = self.log_q(h, z)
+            w = self.log_px(x, z) - kl  # [S, B], the log weights
+            bound = torch.logsumexp(w, 0) - math.log(S)  # [B]
+            # L_{-s}: the bound with w_s replaced by the mean of the other log weights.
+            wd = w.detach()
+            rows = wd.repeat(S, 1, 1)  # [S (left out), S, B]
+            s = torch.arange(S, device=w.device)
+            rows[s, s] = (wd.sum(0) - wd) / (S - 1)
+            loo = torch.logsumexp(rows, 1) - math.log(S)  # [S, B]
+            surrogate = bound + ((bound.detach() - loo) * (log_q - log_q.detach())).sum(0)
         elif name == "reparam":
             loc, scale = h
             z = loc + torch.randn(S, *loc.shape, dtype=loc.dtype, device=loc.device) * scale
-            surrogate = self.log_px(x, z) - kl
+            surrogate = (self.log_px(x, z) - kl).mean(0)
+        elif name == "straight_through":  # forward: hard b; backward: d b / d probs = 1
+            probs = self.probs(h)
+            b = self.sample(h, probs.detach())
+            surrogate = (self.log_px(x, b + (probs - probs.detach())) - kl).mean(0)
+        elif name == "gumbel_rao":
+            surrogate = (self.log_px(x, self.gumbel_rao(h)) - kl).mean(0)
         elif name == "gumbel_softmax":
             eps = torch.finfo(h.dtype).eps
             u = torch.rand(S, *h.shape, dtype=h.dtype, device=h.device).clamp(eps, 1 - eps)
@@ -194,22 +269,83 @@ class HandwrittenStep:
                 y = torch.softmax((h.log_softmax(-1) - (-u.log()).log()) / self.tau, -1)
                 hard = F.one_hot(y.detach().argmax(-1), self.C).to(h.dtype)
             if self.st:
-                surrogate = self.log_px(x, hard - y.detach() + y) - kl
+                surrogate = (self.log_px(x, hard - y.detach() + y) - kl).mean(0)
             else:
-                surrogate = self.log_px(x, y) - kl
+                surrogate = (self.log_px(x, y) - kl).mean(0)
                 with torch.no_grad():  # the objective at exact samples, as the harness does
                     self.log_px(x, hard)
-        else:  # disarm: antithetic pair b, b~ from one uniform
+        else:  # arm, disarm: antithetic pair b, b~ from one uniform
             theta = h.detach()
             u = torch.rand(S, *theta.shape, dtype=theta.dtype, device=theta.device)
             b = (u < torch.sigmoid(theta)).to(h.dtype)
             b_anti = (u > torch.sigmoid(-theta)).to(h.dtype)
             f = self.log_px(x, torch.cat([b, b_anti])) - kl  # [2S, B]
             f_b, f_anti = f[:S], f[S:]
-            df = (f_b - f_anti).detach()[..., None]  # [S, B, 1]
-            g = 0.5 * df * (1 - 2 * b_anti) * (b != b_anti).to(h.dtype) * theta.abs().sigmoid()
-            surrogate = 0.5 * (f_b + f_anti) + (g * (h - theta)).sum(-1)
-        return -surrogate.mean(0).sum() / x.shape[0]
+            if name == "arm":  # (f(b~) - f(b)) (u - 1/2)
+                g = (f_anti - f_b).detach()[..., None] * (u - 0.5)
+            else:  # DisARM: ARM with u integrated out given the pair
+                df = (f_b - f_anti).detach()[..., None]  # [S, B, 1]
+                g = 0.5 * df * (1 - 2 * b_anti) * (b != b_anti).to(h.dtype) * theta.abs().sigmoid()
+            surrogate = (0.5 * (f_b + f_anti) + (g * (h - theta)).sum(-1)).mean(0)
+        loss = -surrogate.sum() / B
+        return loss if aux_loss is None else loss + aux_loss
+
+    def nvil_signal(self, x: Tensor, fd: Tensor) -> tuple[Tensor, Tensor]:
+        """NVIL's learning signal ``(f - b(x) - c) / max(1, sqrt(v))`` (``[S, B]``) and the
+        baseline's loss ``mean (f - c - b(x))^2``; then updates the running ``c`` and ``v``.
+
+        ``c`` and ``v`` are bias-corrected running averages of the mean and variance of
+        ``f - b(x)`` over earlier steps (``0`` and ``1`` before the first step)."""
+        w1, b1, w2, b2 = self.est_params[1:]
+        b = F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2).squeeze(-1)  # [B]
+        residual = fd - b.detach()  # [S, B]
+        if self.count:
+            correction = 1 - self.decay**self.count
+            center, var = self.average / correction, self.variance / correction
+            signal = residual - center
+            if self.normalize:
+                signal = signal / var.sqrt().clamp_min(1.0)
+        else:
+            center, signal = 0.0, residual
+        aux_loss = (fd - center - b).pow(2).mean()
+        with torch.no_grad():
+            var, mean = torch.var_mean(residual, correction=0)
+            self.average.mul_(self.decay).add_(mean, alpha=1 - self.decay)
+            self.variance.mul_(self.decay).add_(var, alpha=1 - self.decay)
+        self.count += 1
+        return signal, aux_loss
+
+    def gumbel_rao(self, h: Tensor) -> Tensor:
+        """Gumbel-Rao's straight-through sample ``[S, B, L(, C)]``: the value is the hard
+        sample ``b``, the gradient that of the relaxation averaged over ``K`` noise draws
+        conditioned on ``b`` (held fixed)."""
+        b = self.sample(h)  # [S, B, L(, C)]
+        eps = torch.finfo(h.dtype).eps
+        ell = h if self.family == "bernoulli" else h.log_softmax(-1)  # normalized logits
+        with torch.no_grad():
+            v = torch.rand(self.K, *b.shape, dtype=h.dtype, device=h.device).clamp(eps, 1 - eps)
+            on = b > 0.5
+            if self.family == "bernoulli":
+                # Logistic noise n given sign(theta + n) = b, by the inverse CDF on the
+                # matching interval: F = 1 - p (1 - v) if b else v (1 - p), n = logit(F).
+                log_p, log_1mp = F.logsigmoid(h), F.logsigmoid(-h)
+                noise = torch.where(
+                    on,
+                    (-log_p.exp() * (1 - v)).log1p() - log_p - (-v).log1p(),
+                    v.log() + log_1mp - (-log_1mp.exp() * v).log1p(),
+                )
+            else:
+                # Gumbel(ell) given its argmax b: the max is -log E_b and the others are
+                # -log(E_i exp(-ell_i) + E_b), with E = -log v ~ Exp(1).
+                log_e = (-v.log()).log()
+                log_e_b = (log_e * b).sum(-1, keepdim=True)
+                z = torch.where(on, -log_e_b, -torch.logaddexp(log_e - ell, log_e_b))
+                noise = z - ell
+        if self.family == "bernoulli":
+            y = torch.sigmoid((ell + noise) / self.tau).mean(0)
+        else:
+            y = torch.softmax((ell + noise) / self.tau, -1).mean(0)
+        return b + (y - y.detach())
 
     def __call__(self, x: Tensor) -> Tensor:
         """One training step on ``x``: loss, backward, Adam step. Returns the loss."""
