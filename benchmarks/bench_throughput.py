@@ -75,7 +75,13 @@ from torch import Tensor
 import estimators
 from benchmarks import handwritten
 from benchmarks.probe import gradient_moments
-from benchmarks.train import estimate_loss, estimator_label, make_optimizer, optimizer_step
+from benchmarks.train import (
+    compiled_estimate_loss,
+    estimate_loss,
+    estimator_label,
+    make_optimizer,
+    optimizer_step,
+)
 from benchmarks.vae import VAE
 
 DATA_DIM = 784
@@ -245,6 +251,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     fused: bool
     x: Tensor
+    kl: str = "analytic"  # the model's KL mode (``sampled`` for VIMCO, as training requires)
     device: torch.device = field(init=False)
 
     def __post_init__(self) -> None:
@@ -262,12 +269,13 @@ def build(case: Case, seed: int = 0) -> Setup:
     est.to(device).train()
     x = torch.rand(case.batch_size, DATA_DIM, generator=torch.Generator().manual_seed(seed)) < 0.3
     x = x.float().to(device)
+    kl = "sampled" if est.objective_kind == "iwae" else KL  # VIMCO trains only with sampled
     if any(torch.nn.parameter.is_lazy(p) for p in est.parameters()):
         from benchmarks.train import materialize_lazy
 
-        materialize_lazy(est, model, x, KL)
+        materialize_lazy(est, model, x, kl)
     optimizer, fused = make_optimizer([*model.parameters(), *est.parameters()], OPTIM)
-    return Setup(case, model, est, optimizer, fused, x)
+    return Setup(case, model, est, optimizer, fused, x, kl)
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -287,8 +295,10 @@ def harness_step(s: Setup) -> Callable[[], Tensor]:
         _sync(s.device),
     )
 
+    kl = s.kl
+
     def step() -> Tensor:
-        loss, _ = estimate_loss(model, est, x, KL, n)
+        loss, _ = estimate_loss(model, est, x, kl, n)
         optimizer_step(opt, loss)
         sync()
         return loss
@@ -302,10 +312,10 @@ def harness_step_compiled(s: Setup) -> Callable[[], Tensor]:
     model, est, opt, x, n, sync = (
         s.model, s.estimator, s.optimizer, s.x, s.case.num_samples, _sync(s.device)
     )  # fmt: skip
-    loss_fn = torch.compile(lambda: estimate_loss(model, est, x, KL, n)[0])
+    kl, loss_fn = s.kl, compiled_estimate_loss()  # eager random streams (fallback_random)
 
     def step() -> Tensor:
-        loss = loss_fn()
+        loss, _ = loss_fn(model, est, x, kl, n)
         optimizer_step(opt, loss)
         sync()
         return loss
@@ -321,7 +331,7 @@ def gradient_estimate(s: Setup) -> Callable[[], Tensor]:
     def estimate() -> Tensor:
         for p in params:
             p.grad = None
-        loss, _ = estimate_loss(model, est, x, KL, n)
+        loss, _ = estimate_loss(model, est, x, s.kl, n)
         loss.backward()
         sync()
         return loss
@@ -339,7 +349,7 @@ def probe(s: Setup) -> Callable[[], Tensor]:
     model, est, x, sync, chunk = s.model, s.estimator, s.x, _sync(s.device), probe_chunk(s.case)
 
     def run() -> Tensor:
-        moments = gradient_moments(model, x, est, PROBE_ESTIMATES, kl=KL, chunk=chunk)
+        moments = gradient_moments(model, x, est, PROBE_ESTIMATES, kl=s.kl, chunk=chunk)
         sync()
         return moments.sums.sum()
 
@@ -350,14 +360,15 @@ def handwritten_step(s: Setup) -> Callable[[], Tensor]:
     """The hand-written training step of the same model (a copy of its parameters)."""
     case = s.case
     latent_dim, n_categories = LATENTS[case.family]
-    step = handwritten.HandwrittenStep(
+    step = handwritten.make_step(
         [p.detach().clone() for p in s.model.parameters()],
         case.family,
         latent_dim,
         n_categories,
         case.estimator,
-        case.opts,
-        case.num_samples,
+        options=case.opts,
+        num_samples=case.num_samples,
+        kl=s.kl,
         lr=OPTIM.lr,
         betas=tuple(OPTIM.betas),
         eps=OPTIM.eps,

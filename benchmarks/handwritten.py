@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +58,43 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 BASELINES: tuple[str, ...] = ("none", "moving_average", "batch_mean")
 
 
+#: Estimators with a hand-written ``kl="sampled"`` learning signal (VIMCO trains only with it).
+SAMPLED_KL = ("reinforce", "rloo", "nvil", "vimco")
+
+
+#: Estimators written in :mod:`benchmarks.handwritten_control_variate` (a subclass).
+CONTROL_VARIATE = ("rebar", "relax")
+
+
 def supports(name: str, family: str, options: dict | None = None) -> bool:
-    """Whether a hand-written version of estimator ``name`` with ``options`` exists."""
+    """Whether a hand-written version of estimator ``name`` with ``options`` exists (here or,
+    for REBAR and RELAX, in :mod:`benchmarks.handwritten_control_variate`)."""
+    if name in CONTROL_VARIATE:
+        from benchmarks import handwritten_control_variate
+
+        return handwritten_control_variate.supports(name, family, options)
     baseline = (options or {}).get("baseline", "none")
     return family in SUPPORTED.get(name, ()) and baseline in BASELINES
+
+
+def make_step(
+    params: Sequence[Tensor],
+    family: str,
+    latent_dim: int,
+    n_categories: int,
+    estimator: str,
+    **kwargs: Any,
+) -> HandwrittenStep:
+    """The hand-written step of ``estimator``: :class:`HandwrittenStep`, or for REBAR and
+    RELAX its subclass ``HandwrittenControlVariateStep``; keyword arguments as for
+    :class:`HandwrittenStep`."""
+    if estimator in CONTROL_VARIATE:
+        from benchmarks import handwritten_control_variate as cv
+
+        return cv.HandwrittenControlVariateStep(
+            params, family, latent_dim, n_categories, estimator, **kwargs
+        )
+    return HandwrittenStep(params, family, latent_dim, n_categories, estimator, **kwargs)
 
 
 def mlp(h: Tensor, layers: Sequence[Tensor]) -> Tensor:
@@ -116,10 +150,14 @@ class HandwrittenStep:
         eps: float = 1e-8,
         fused: bool | None = None,
         estimator_params: Sequence[Tensor] = (),
+        kl: str = "analytic",
     ) -> None:
         options = dict(options or {})
         if not supports(estimator, family, options):
             raise ValueError(f"no hand-written {estimator} {options} for family {family!r}")
+        if kl not in ("analytic", "sampled") or (kl == "sampled" and estimator not in SAMPLED_KL):
+            raise ValueError(f"no hand-written {estimator} with kl={kl!r}")
+        self.kl_mode = kl
         self.params = [p.requires_grad_() for p in params]
         half = len(self.params) // 2
         self.enc, self.dec = self.params[:half], self.params[half:]
@@ -133,9 +171,9 @@ class HandwrittenStep:
         self.normalize = bool(options.get("normalize", False))
         # Running statistics: the moving-average baseline's mean, or NVIL's mean and variance
         # of the residual f - b(x); ``count`` updates so far (for the bias correction).
-        device = self.params[0].device
-        self.average, self.count = torch.zeros((), device=device), 0
-        self.variance = torch.zeros((), device=device)
+        like = self.params[0]  # the statistics have the parameters' dtype, as the harness's
+        self.average, self.count = like.new_zeros(()), 0
+        self.variance = like.new_zeros(())
         estimator_params = list(estimator_params)
         if estimator == "nvil" and not estimator_params:  # x -> tanh(W1 x + b1) -> W2 h + b2
             d, hidden, like = self.enc[0].shape[1], int(options.get("hidden", 100)), params[0]
@@ -192,6 +230,20 @@ class HandwrittenStep:
             idx = torch.multinomial(probs.reshape(-1, self.C), self.S, True).T
             return F.one_hot(idx.reshape(self.S, *h.shape[:-1]), self.C).to(h.dtype)
 
+    def log_prior(self, z: Tensor) -> Tensor:
+        """``log p(z)``, ``[S, B]``: standard normal, or uniform over ``2`` / ``C`` values."""
+        if self.family == "gaussian":
+            return (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+        k = 2 if self.family == "bernoulli" else self.C
+        return z.new_full(z.shape[:2], -self.L * math.log(k))
+
+    def signal(self, x: Tensor, z: Tensor, kl: Tensor | None, log_q: Tensor) -> Tensor:
+        """``f(z)``, ``[S, B]``: ``log p(x|z) - KL`` (analytic KL) or
+        ``log p(x|z) + log p(z) - log q(z|x)`` (sampled; ``log q`` keeps its gradient)."""
+        if kl is not None:
+            return self.log_px(x, z) - kl
+        return self.log_px(x, z) + self.log_prior(z) - log_q
+
     def log_q(self, h: Tensor, z: Tensor) -> Tensor:
         """``log q(z|x)`` of samples ``z``, ``[S, B]``."""
         if self.family == "gaussian":
@@ -212,13 +264,13 @@ class HandwrittenStep:
             h = (loc, F.softplus(raw) + 1e-4)
         elif self.family == "categorical":
             h = h.unflatten(-1, (self.L, self.C))  # [B, L, C]
-        kl = self.kl(h)  # [B]
+        kl = self.kl(h) if self.kl_mode == "analytic" else None  # [B]
         S, B, name = self.S, x.shape[0], self.estimator
         aux_loss = None
         if name in ("reinforce", "rloo", "nvil"):
             z = self.sample(h)
             log_q = self.log_q(h, z)
-            f = self.log_px(x, z) - kl  # [S, B]
+            f = self.signal(x, z, kl, log_q)  # [S, B]
             fd = f.detach()
             if name == "rloo":
                 signal = fd - (fd.sum(0) - fd) / (S - 1)
@@ -240,7 +292,7 @@ class HandwrittenStep:
         elif name == "vimco":
             z = self.sample(h)
             log_q = self.log_q(h, z)
-            w = self.log_px(x, z) - kl  # [S, B], the log weights
+            w = self.signal(x, z, kl, log_q)  # [S, B], the log weights
             bound = torch.logsumexp(w, 0) - math.log(S)  # [B]
             # L_{-s}: the bound with w_s replaced by the mean of the other log weights.
             wd = w.detach()

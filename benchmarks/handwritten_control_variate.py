@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.handwritten import HandwrittenStep, mlp
+from benchmarks.handwritten import HandwrittenStep, linear_init, mlp
 
 #: Estimator name -> latent families with a hand-written version.
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -62,12 +62,6 @@ def supports(name: str, family: str, options: dict | None = None) -> bool:
     """Whether a hand-written version of estimator ``name`` with ``options`` exists."""
     keys = set(options or {}) - {"num_samples"}
     return family in SUPPORTED.get(name, ()) and keys <= OPTIONS[name]
-
-
-def _linear_init(fan_in: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """``nn.Linear``'s default initialization: uniform in ``+-1/sqrt(fan_in)``."""
-    bound = 1 / math.sqrt(fan_in)
-    return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
 
 
 class HandwrittenControlVariateStep(HandwrittenStep):
@@ -94,8 +88,11 @@ class HandwrittenControlVariateStep(HandwrittenStep):
         eps: float = 1e-8,
         fused: bool | None = None,
         estimator_params: Sequence[Tensor] = (),
+        kl: str = "analytic",
     ) -> None:
         options = dict(options or {})
+        if kl != "analytic":
+            raise ValueError(f"no hand-written {estimator} with kl={kl!r}")
         if not supports(estimator, family, options):
             raise ValueError(f"no hand-written {estimator} {options} for family {family!r}")
         n_latent = latent_dim * (n_categories if family == "categorical" else 1)
@@ -110,10 +107,10 @@ class HandwrittenControlVariateStep(HandwrittenStep):
             if estimator == "relax":
                 hidden = int(options.get("hidden", 32))
                 est_params += [
-                    _linear_init(n_latent, (hidden, n_latent), like),
-                    _linear_init(n_latent, (hidden,), like),
-                    _linear_init(hidden, (1, hidden), like),
-                    _linear_init(hidden, (1,), like),
+                    linear_init(n_latent, (hidden, n_latent), like),
+                    linear_init(n_latent, (hidden,), like),
+                    linear_init(hidden, (1, hidden), like),
+                    linear_init(hidden, (1,), like),
                 ]
         expected = 2 if estimator == "rebar" else 6
         if len(est_params) != expected:

@@ -80,7 +80,7 @@ def test_loss_and_gradients_equal_harness(case: bt.Case, dtype: torch.dtype) -> 
     params = [*setup.model.parameters(), *setup.estimator.parameters()]
     assert len(hand.leaves) == len(params)
     torch.manual_seed(1)
-    loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, bt.KL, case.num_samples)
+    loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, setup.kl, case.num_samples)
     grads = torch.autograd.grad(loss, params)
     torch.manual_seed(1)
     hand_loss = hand.loss(setup.x)
@@ -103,7 +103,7 @@ def test_two_training_steps_update_like_harness(case: bt.Case) -> None:
     start = [p.detach().clone() for p in hand.est_params]
     for step in range(2):
         torch.manual_seed(10 + step)
-        loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, bt.KL, case.num_samples)
+        loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, setup.kl, case.num_samples)
         optimizer_step(setup.optimizer, loss)
         torch.manual_seed(10 + step)
         hand_loss = hand(setup.x)
