@@ -155,9 +155,12 @@ class HandwrittenControlVariateStep(HandwrittenStep):
             z_cond = torch.where(on, -log_e_b, -torch.logaddexp(log_e - ell, log_e_b))
         else:  # the logistic inverse CDF truncated to z > 0 (b = 1) or z <= 0 (b = 0)
             log_p, log_1mp = F.logsigmoid(theta), F.logsigmoid(-theta)
-            log_v1 = torch.where(on, (-(1 - v) * log_p.exp()).log1p(), v.log() + log_1mp)
-            log_1mv1 = torch.where(on, (-v).log1p() + log_p, (-v * log_1mp.exp()).log1p())
-            z_cond = theta + log_v1 - log_1mv1
+            # log v' - log(1 - v') with v' = 1 - p (1 - v) (b = 1) or v (1 - p) (b = 0)
+            z_cond = theta + torch.where(
+                on,
+                (-(1 - v) * log_p.exp()).log1p() - log_p - (-v).log1p(),
+                v.log() + log_1mp - (-v * log_1mp.exp()).log1p(),
+            )
 
         # c(z), c(z~) in one decoder call with detached weights: no gradient to the model.
         log_temperature, eta = self.est_params[0], self.est_params[1]

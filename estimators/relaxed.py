@@ -167,17 +167,31 @@ def conditional_perturb(
     appendix). Differentiable in ``logits`` at fixed ``v`` and ``b``;
     ``[*sample_shape, *hard.shape]``.
     """
-    v = _uniform(torch.Size(sample_shape) + hard.shape, logits)
-    on = hard > 0.5
     if family == "bernoulli":
-        log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
-        log_v1 = torch.where(on, (-(1 - v) * log_p.exp()).log1p(), v.log() + log_1mp)
-        log_1mv1 = torch.where(on, (-v).log1p() + log_p, (-v * log_1mp.exp()).log1p())
-        return logits + log_v1 - log_1mv1
+        return logits + conditional_noise(logits, hard, family, sample_shape)
+    v = _uniform(torch.Size(sample_shape) + hard.shape, logits)
     log_e = (-v.log()).log()  # log E, E ~ Exp(1)
     log_e_hard = (log_e * hard).sum(-1, keepdim=True)
     others = -torch.logaddexp(log_e - logits, log_e_hard)
-    return torch.where(on, -log_e_hard, others)
+    return torch.where(hard > 0.5, -log_e_hard, others)
+
+
+def conditional_noise(
+    logits: Tensor, hard: Tensor, family: str, sample_shape: tuple[int, ...] = ()
+) -> Tensor:
+    r"""The noise of :func:`conditional_perturb`: ``conditional_perturb(...) - logits`` from
+    the same uniforms. Bernoulli, directly:
+    :math:`\log(1 - p(1-v)) - \log p - \log(1-v)` for ``b = 1`` and
+    :math:`\log v + \log(1-p) - \log(1 - v(1-p))` for ``b = 0``."""
+    if family != "bernoulli":
+        return conditional_perturb(logits, hard, family, sample_shape) - logits
+    v = _uniform(torch.Size(sample_shape) + hard.shape, logits)
+    log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return torch.where(
+        hard > 0.5,
+        (-(1 - v) * log_p.exp()).log1p() - log_p - (-v).log1p(),
+        v.log() + log_1mp - (-v * log_1mp.exp()).log1p(),
+    )
 
 
 def soften(z: Tensor, family: str, temperature: Tensor | float) -> Tensor:
@@ -285,7 +299,7 @@ class GumbelRao(EstimatorBase):
         logits, dtype = float_logits(dist)
         hard = dist.sample((num_samples,)).to(logits.dtype)  # [S, *B, *E]
         with torch.no_grad():  # the noise is held fixed: no derivative through G
-            noise = conditional_perturb(logits, hard, family, (self.num_rao_samples,)) - logits
+            noise = conditional_noise(logits, hard, family, (self.num_rao_samples,))
         y = soften(logits + noise, family, self.temperature.to(logits)).mean(0)  # [S, *B, *E]
         fz = f((hard + (y - y.detach())).to(dtype))  # value exactly hard
         return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
