@@ -347,7 +347,8 @@ class HandwrittenStep:
         baseline's loss ``mean (f - c - b(x))^2``; then updates the running ``c`` and ``v``.
 
         ``c`` and ``v`` are bias-corrected running averages of the mean and variance of
-        ``f - b(x)`` over earlier steps (``0`` and ``1`` before the first step)."""
+        ``f - b(x)`` over earlier steps (``0`` and ``1`` before the first step); ``v`` is kept
+        only with ``normalize``."""
         w1, b1, w2, b2 = self.est_params[1:]
         b = F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2).squeeze(-1)  # [B]
         residual = fd - b.detach()  # [S, B]
@@ -360,10 +361,13 @@ class HandwrittenStep:
         else:
             center, signal = 0.0, residual
         aux_loss = (fd - center - b).pow(2).mean()
-        with torch.no_grad():
-            var, mean = torch.var_mean(residual, correction=0)
+        with torch.no_grad():  # the variance is needed (and kept) only with normalize
+            if self.normalize:
+                var, mean = torch.var_mean(residual, correction=0)
+                self.variance.mul_(self.decay).add_(var, alpha=1 - self.decay)
+            else:
+                mean = residual.mean()
             self.average.mul_(self.decay).add_(mean, alpha=1 - self.decay)
-            self.variance.mul_(self.decay).add_(var, alpha=1 - self.decay)
         self.count += 1
         return signal, aux_loss
 

@@ -134,21 +134,26 @@ class NVIL(EstimatorBase):
         log_q, fz = sample_score_inputs(dist, f, num_samples)  # [S, *B] each
         fd = fz.detach()
         b = self.baseline(context, dist.batch_shape).to(fd.dtype)  # [*B] or []
+        # Bias-corrected running statistics; before the first update c = 0 (and v = 1). The
+        # clamped correction is 1e-30 there, so mean / correction = 0 needs no branch.
         correction = (1.0 - self.decay**self.count).clamp_min(1e-30)
-        seen = self.count > 0  # before the first update: c = 0, v = 1
-        center = torch.where(seen, self.mean / correction, 0.0).to(fd.dtype)
-        var = torch.where(seen, self.var / correction, 1.0).to(fd.dtype)
+        center = (self.mean / correction).to(fd.dtype)
         residual = fd - b.detach()  # [S, *B]
         signal = residual - center
-        if self.normalize:
+        if self.normalize:  # the variance is kept (and used) only when normalizing
+            var = torch.where(self.count > 0, self.var / correction, 1.0).to(fd.dtype)
             signal = signal / var.sqrt().clamp_min(1.0)
         surrogate = score_surrogate(fz, log_q, signal).mean(0)
         aux_loss = (fd - center - b).pow(2).mean()  # reaches psi only
         if self.training:
             with torch.no_grad():
                 a = 1.0 - self.decay
-                self.mean.mul_(self.decay).add_(residual.mean(), alpha=a)
-                self.var.mul_(self.decay).add_(residual.var(unbiased=False), alpha=a)
+                if self.normalize:
+                    var_r, mean_r = torch.var_mean(residual, unbiased=False)
+                    self.var.mul_(self.decay).add_(var_r, alpha=a)
+                else:
+                    mean_r = residual.mean()
+                self.mean.mul_(self.decay).add_(mean_r, alpha=a)
                 self.count.add_(1)
         return Estimate(fd.mean(0), surrogate, aux_loss, num_samples)
 
