@@ -40,6 +40,27 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 KL_MODES: tuple[str, ...] = ("analytic", "sampled")
 
 
+class LatentPosterior(Independent):
+    """``Independent`` whose ``log_prob`` remembers its last input and result.
+
+    With the sampled KL, the learning signal ``f(z) = log p(x|z) + log p(z) - log q(z|x)``
+    and a score-function estimator both ask for ``log q(z|x)`` of the same samples ``z``;
+    the second call returns the first's tensor (same autograd graph) instead of recomputing
+    it. The cache is keyed by the sample tensor's identity and version and by whether
+    gradients are enabled, so a new or modified sample is always recomputed.
+    """
+
+    _last: tuple[Tensor, int, bool, Tensor] | None = None
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        last, grad = self._last, torch.is_grad_enabled()
+        if last is not None and last[0] is value and last[1] == value._version and last[2] == grad:
+            return last[3]
+        out = super().log_prob(value)
+        self._last = (value, value._version, grad, out)
+        return out
+
+
 def _mlp(d_in: int, d_out: int, arch: str, hidden: int, activation: str) -> nn.Sequential:
     if arch == "linear":
         return nn.Sequential(nn.Linear(d_in, d_out))
@@ -112,7 +133,7 @@ class VAE(nn.Module):
         else:
             logits = out.unflatten(-1, (self.latent_dim, self.n_categories))  # [B, L, C]
             base = OneHotCategorical(logits=logits, validate_args=False)
-        return Independent(base, 1, validate_args=False)
+        return LatentPosterior(base, 1, validate_args=False)
 
     def prior(self) -> Distribution:
         """``p(z)``: the standard prior, batch shape ``[]``, on the model's device and dtype."""

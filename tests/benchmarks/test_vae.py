@@ -202,3 +202,24 @@ def test_relaxed_samples_are_accepted_by_the_learning_signal() -> None:
     relaxed = F.softmax(torch.randn(3, 2, 4, 3), dim=-1)
     for kl in ("analytic", "sampled"):
         assert torch.isfinite(vae.learning_signal(x, q, kl)(relaxed)).all()
+
+
+def test_posterior_log_prob_is_reused_only_for_the_same_unchanged_sample() -> None:
+    """q.log_prob returns its previous result for the same sample tensor (the sampled-KL
+    signal and a score-function estimator share it), and recomputes for a new sample, an
+    in-place-modified one, or a change of grad mode."""
+    torch.manual_seed(0)
+    vae = VAE(12, "bernoulli", latent_dim=5)
+    q = vae.encode(torch.rand(3, 12))
+    z = q.sample((2,))
+    first = q.log_prob(z)
+    assert q.log_prob(z) is first and first.requires_grad
+    other = z.clone()
+    assert q.log_prob(other) is not first
+    torch.testing.assert_close(q.log_prob(other), first)
+    z[0, 0, 0] = 1 - z[0, 0, 0]  # in place: a new version
+    changed = q.log_prob(z)
+    assert changed is not first and not torch.equal(changed, first)
+    with torch.no_grad():
+        assert not q.log_prob(z).requires_grad
+    assert q.log_prob(z).requires_grad
