@@ -76,6 +76,7 @@ import estimators
 from benchmarks import handwritten
 from benchmarks.probe import gradient_moments
 from benchmarks.train import (
+    backward_inputs,
     compiled_estimate_loss,
     estimate_loss,
     estimator_label,
@@ -295,11 +296,11 @@ def harness_step(s: Setup) -> Callable[[], Tensor]:
         _sync(s.device),
     )
 
-    kl = s.kl
+    kl, inputs = s.kl, backward_inputs(opt, est)
 
     def step() -> Tensor:
         loss, _ = estimate_loss(model, est, x, kl, n)
-        optimizer_step(opt, loss)
+        optimizer_step(opt, loss, inputs)
         sync()
         return loss
 
@@ -313,10 +314,11 @@ def harness_step_compiled(s: Setup) -> Callable[[], Tensor]:
         s.model, s.estimator, s.optimizer, s.x, s.case.num_samples, _sync(s.device)
     )  # fmt: skip
     kl, loss_fn = s.kl, compiled_estimate_loss()  # eager random streams (fallback_random)
+    inputs = backward_inputs(opt, est)
 
     def step() -> Tensor:
         loss, _ = loss_fn(model, est, x, kl, n)
-        optimizer_step(opt, loss)
+        optimizer_step(opt, loss, inputs)
         sync()
         return loss
 

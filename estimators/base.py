@@ -127,6 +127,11 @@ class EstimatorBase(nn.Module):
     #: What ``Estimate.objective`` estimates: ``mean`` (``E_q[f]``) or ``iwae`` (the
     #: multi-sample bound ``E log mean_s exp f(z_s)``, for ``f`` returning log weights).
     objective_kind: ClassVar[str] = "mean"
+    #: Whether the estimate's graph holds leaves of the estimator's own that nothing trains
+    #: (REBAR / RELAX differentiate a detached copy of the logits inside ``estimate``): a
+    #: training loop then backpropagates into its parameters only (``backward(inputs=...)``),
+    #: which skips the branches leading to those leaves; elsewhere that costs a few percent.
+    private_leaves: ClassVar[bool] = False
 
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()
