@@ -623,7 +623,10 @@ def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> 
         "Throughput from pytest-benchmark: calls per second (1 / median time; bars: "
         "interquartile range over rounds), per benchmark and latent family; panels "
         "'harness / hand-written': median time of the harness's training step over that of "
-        "the hand-written reference step of the same case (1 = no overhead)."
+        "the hand-written reference step of the same case (1 = no overhead). The two are "
+        "timed in separate tests, so these ratios drift with the machine's load; "
+        "`python -m benchmarks.throughput_summary --measure` times them interleaved "
+        "(results/throughput/overhead_<device>.md)."
     )
     result = FigureResult(name, caption)
     if tp is None or tp.empty or tp["per_s"].isna().all():

@@ -352,7 +352,9 @@ def benchmark_table(tp: pd.DataFrame | None, out_dir: Path) -> TableResult | Non
         f"pytest-benchmark medians; {TIMES} reference: median time relative to the hand-written "
         "reference training step of the same case (family, architecture, batch size, S, "
         "threads, device and, where the reference is written per estimator, estimator); for "
-        "the harness's training step this is its overhead over a hand-written loop."
+        "the harness's training step this is its overhead over a hand-written loop, timed in "
+        "a separate test (it drifts with the machine's load; `python -m "
+        "benchmarks.throughput_summary --measure` times the two interleaved)."
     )
     md = _markdown(pd.DataFrame(md_rows, columns=header), note, [])
     tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, [], len(cols))
