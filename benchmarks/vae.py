@@ -160,18 +160,27 @@ class VAE(nn.Module):
         batch = z.shape[:-1] if self.family == "bernoulli" else z.shape[:-2]
         return z.new_full(batch, -self.latent_dim * math.log(k))
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Pixel logits ``[*S, B, D]`` of ``p(x|z)``."""
+    def decode(self, z: Tensor, detached: bool = False) -> Tensor:
+        """Pixel logits ``[*S, B, D]`` of ``p(x|z)``; ``detached``: with the decoder's
+        parameters detached (gradient in ``z`` only)."""
         if self.family == "categorical":
             z = z.flatten(-2)  # [*S, B, L * C]
-        return self.decoder(z)
+        if not detached:
+            return self.decoder(z)
+        for layer in self.decoder:
+            if isinstance(layer, nn.Linear):
+                z = F.linear(z, layer.weight.detach(), layer.bias.detach())
+            else:
+                z = layer(z)
+        return z
 
-    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+    def log_likelihood(self, x: Tensor, z: Tensor, detached: bool = False) -> Tensor:
         """``log p(x|z) = sum_d log Bernoulli(x_d; sigmoid(logit_d(z)))``: ``[*S, B]``.
 
         One fused ``binary_cross_entropy_with_logits`` over all samples; ``z`` may be relaxed.
+        ``detached``: the decoder's parameters get no gradient.
         """
-        logits = self.decode(z)  # [*S, B, D]
+        logits = self.decode(z, detached)  # [*S, B, D]
         target = x.expand_as(logits)
         return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
 
@@ -198,7 +207,9 @@ class VAE(nn.Module):
         - ``sampled``: ``f(z) = log p(x|z) + log p(z) - log q(z|x)``; ``log q`` carries the
           encoder's gradient, which score-function estimators include as ``grad f``.
 
-        ``f`` maps ``[S, B, *event]`` to ``[S, B]`` and accepts relaxed samples.
+        ``f`` maps ``[S, B, *event]`` to ``[S, B]`` and accepts relaxed samples. With the
+        analytic KL it carries ``f.detached`` (:data:`estimators.base.Objective`): the same
+        values and gradient in ``z``, none to the model's parameters.
         """
         if kl not in KL_MODES:
             raise ValueError(f"model.kl={kl!r} is invalid; allowed: {', '.join(KL_MODES)}")
@@ -208,6 +219,10 @@ class VAE(nn.Module):
             def f(z: Tensor) -> Tensor:
                 return self.log_likelihood(x, z) - kl_value
 
+            def f_detached(z: Tensor) -> Tensor:
+                return self.log_likelihood(x, z, detached=True) - kl_value.detach()
+
+            f.detached = f_detached  # type: ignore[attr-defined]  # estimators.base.Objective
             return f
 
         def f_sampled(z: Tensor) -> Tensor:

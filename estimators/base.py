@@ -19,7 +19,15 @@ from torch.distributions import (
 FAMILIES: tuple[str, ...] = ("gaussian", "bernoulli", "categorical")
 
 #: ``f``: samples ``[S, *batch_shape, *event_shape]`` -> values ``[S, *batch_shape]``.
+#: Optionally ``f.detached``: the same values and the same gradient in ``z``, but no gradient
+#: to ``f``'s own parameters; estimators that evaluate ``f`` only for a control variate (REBAR,
+#: RELAX) use it when present, so a backward pass skips ``f``'s parameter gradients there.
 Objective = Callable[[Tensor], Tensor]
+
+
+def detached_objective(f: Objective) -> Objective:
+    """``f.detached`` when ``f`` provides it (see :data:`Objective`), else ``f`` itself."""
+    return getattr(f, "detached", f)
 
 
 class Estimate(NamedTuple):

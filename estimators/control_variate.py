@@ -27,7 +27,14 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from estimators._options import finite_float, positive_float, positive_int
-from estimators.base import Estimate, EstimatorBase, Objective, base_of, reinterpreted_ndims
+from estimators.base import (
+    Estimate,
+    EstimatorBase,
+    Objective,
+    base_of,
+    detached_objective,
+    reinterpreted_ndims,
+)
 from estimators.learned_baselines import skip_uninitialized
 from estimators.registry import register
 from estimators.relaxed import conditional_perturb, hard_of, perturb, soften
@@ -123,7 +130,8 @@ class REBAR(EstimatorBase):
             if not grad_enabled:
                 f_b = f_b.detach()
             # f(relaxed) feeds the control variate only.
-            c_z, c_cond = self.control_variate(both, f(relaxed), batch_ndim).split(num_samples)
+            f_cv = detached_objective(f)  # no gradient to f's own parameters needed here
+            c_z, c_cond = self.control_variate(both, f_cv(relaxed), batch_ndim).split(num_samples)
             probs = torch.softmax(theta, -1) if family == "categorical" else torch.sigmoid(theta)
             score = hard - probs.detach()  # d log q(b) / d logits, [S, *B, *E]
             signal = (f_b.detach() - c_cond).reshape(*f_b.shape, *(1,) * n_event)

@@ -223,3 +223,23 @@ def test_posterior_log_prob_is_reused_only_for_the_same_unchanged_sample() -> No
     with torch.no_grad():
         assert not q.log_prob(z).requires_grad
     assert q.log_prob(z).requires_grad
+
+
+@pytest.mark.parametrize("arch", ["linear", "nonlinear"])
+def test_detached_signal_has_fs_values_and_z_gradient_but_no_parameter_gradient(arch) -> None:
+    """f.detached (used by REBAR / RELAX for their control variate) equals f at relaxed
+    samples, with the same gradient in z, and sends no gradient to the model."""
+    torch.manual_seed(0)
+    vae = VAE(12, "bernoulli", arch, latent_dim=5, hidden_dim=7)
+    x = (torch.rand(3, 12) < 0.5).float()
+    q = vae.encode(x)
+    f = vae.learning_signal(x, q)
+    z = torch.rand(2, 3, 5, requires_grad=True)
+    (gz,) = torch.autograd.grad(f(z).sum(), z)
+    value = f.detached(z)
+    torch.testing.assert_close(value, f(z))
+    (gz_detached,) = torch.autograd.grad(value.sum(), z, retain_graph=True)
+    torch.testing.assert_close(gz_detached, gz)
+    grads = torch.autograd.grad(value.sum(), list(vae.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+    assert not hasattr(vae.learning_signal(x, q, "sampled"), "detached")
