@@ -14,8 +14,10 @@ network) are the estimator's own and are tuned by ``aux_loss`` = the squared nor
 
 Isolation: ``g_theta`` is computed on a detached copy of the logits and enters ``surrogate``
 only as the constant in ``stop(g) . logits``, so the control variate never sends gradient to
-the model; ``f``'s own parameters get ``grad f(b)``. ``aux_loss`` is linearized in the
-estimator's own parameters, so its gradient reaches nothing else.
+the model; ``f``'s own parameters get ``grad f(b)``. The control variate evaluates
+``f.detached`` where ``f`` provides it (:data:`estimators.base.Objective`), so ``aux_loss``
+reaches only the estimator's own parameters (and its private copy of the logits); with a plain
+``f`` it is linearized in the estimator's own parameters, so its gradient reaches nothing else.
 """
 
 from __future__ import annotations
@@ -144,7 +146,12 @@ class REBAR(EstimatorBase):
                 if path is not None:
                     g = g + path / num_samples
             variance = g.pow(2).sum()
-            aux_loss = _linearized(variance, list(self.parameters())) if train_cv else None
+            if not train_cv:
+                aux_loss = None
+            elif f_cv is not f:  # f.detached: the variance reaches only c's own parameters
+                aux_loss = variance  # (and theta, a private leaf): no linearization needed
+            else:
+                aux_loss = _linearized(variance, list(self.parameters()))
         if aux_loss is None:
             aux_loss = variance.detach()
         linear = g.detach() * (logits - logits.detach())  # value 0, gradient g
