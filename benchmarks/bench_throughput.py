@@ -285,36 +285,13 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def harness_step(s: Setup) -> Callable[[], Tensor]:
-    """One training step through the harness: ``estimate_loss`` + ``optimizer_step``."""
-    model, est, opt, x, n, sync = (
-        s.model,
-        s.estimator,
-        s.optimizer,
-        s.x,
-        s.case.num_samples,
-        _sync(s.device),
-    )
-
-    kl, inputs = s.kl, backward_inputs(opt, est)
-
-    def step() -> Tensor:
-        loss, _ = estimate_loss(model, est, x, kl, n)
-        optimizer_step(opt, loss, inputs)
-        sync()
-        return loss
-
-    return step
-
-
-def harness_step_compiled(s: Setup) -> Callable[[], Tensor]:
-    """:func:`harness_step` with ``estimate_loss`` under ``torch.compile`` (compiled by the
-    first calls, which the warm-up makes; opt-in: ``GRADBENCH_BENCH_COMPILE=1``)."""
+def harness_step(s: Setup, loss_fn: Callable[..., Any] = estimate_loss) -> Callable[[], Tensor]:
+    """One training step through the harness: ``loss_fn`` (``estimate_loss``) +
+    ``optimizer_step``."""
     model, est, opt, x, n, sync = (
         s.model, s.estimator, s.optimizer, s.x, s.case.num_samples, _sync(s.device)
     )  # fmt: skip
-    kl, loss_fn = s.kl, compiled_estimate_loss()  # eager random streams (fallback_random)
-    inputs = backward_inputs(opt, est)
+    kl, inputs = s.kl, backward_inputs(opt, est)
 
     def step() -> Tensor:
         loss, _ = loss_fn(model, est, x, kl, n)
@@ -323,6 +300,13 @@ def harness_step_compiled(s: Setup) -> Callable[[], Tensor]:
         return loss
 
     return step
+
+
+def harness_step_compiled(s: Setup) -> Callable[[], Tensor]:
+    """:func:`harness_step` with ``estimate_loss`` under ``torch.compile`` with eager random
+    streams (compiled by the first calls, which the warm-up makes; opt-in:
+    ``GRADBENCH_BENCH_COMPILE=1``)."""
+    return harness_step(s, compiled_estimate_loss())
 
 
 def gradient_estimate(s: Setup) -> Callable[[], Tensor]:

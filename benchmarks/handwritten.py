@@ -77,6 +77,19 @@ def supports(name: str, family: str, options: dict | None = None) -> bool:
     return family in SUPPORTED.get(name, ()) and baseline in BASELINES
 
 
+def unsupported(estimator: str, family: str, options: dict) -> ValueError:
+    """The error for a step :func:`supports` refuses, naming what is hand-written."""
+    from benchmarks import handwritten_control_variate as cv
+
+    written = {**SUPPORTED, **cv.SUPPORTED}
+    listing = "; ".join(f"{name}: {', '.join(fams)}" for name, fams in sorted(written.items()))
+    return ValueError(
+        f"no hand-written {estimator} with options {options} for family {family!r}; "
+        f"hand-written (estimator: families): {listing}; reinforce baselines: "
+        f"{', '.join(BASELINES)}; rebar / relax options: {', '.join(sorted(cv.OPTIONS['relax']))}"
+    )
+
+
 def make_step(
     params: Sequence[Tensor],
     family: str,
@@ -154,9 +167,12 @@ class HandwrittenStep:
     ) -> None:
         options = dict(options or {})
         if not supports(estimator, family, options):
-            raise ValueError(f"no hand-written {estimator} {options} for family {family!r}")
+            raise unsupported(estimator, family, options)
         if kl not in ("analytic", "sampled") or (kl == "sampled" and estimator not in SAMPLED_KL):
-            raise ValueError(f"no hand-written {estimator} with kl={kl!r}")
+            raise ValueError(
+                f"no hand-written {estimator} with kl={kl!r}; allowed: 'analytic', and "
+                f"'sampled' for {', '.join(SAMPLED_KL)}"
+            )
         self.kl_mode = kl
         self.params = [p.requires_grad_() for p in params]
         half = len(self.params) // 2

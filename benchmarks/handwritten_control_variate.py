@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.handwritten import HandwrittenStep, linear_init, mlp
+from benchmarks.handwritten import HandwrittenStep, linear_init, mlp, unsupported
 
 #: Estimator name -> latent families with a hand-written version.
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -54,8 +55,6 @@ OPTIONS: dict[str, frozenset[str]] = {
     "rebar": frozenset({"temperature", "eta"}),
     "relax": frozenset({"temperature", "eta", "hidden", "input_dim"}),
 }
-#: A supported estimator the base class accepts, used only to get through its check.
-_STAND_IN = "reinforce"
 
 
 def supports(name: str, family: str, options: dict | None = None) -> bool:
@@ -83,21 +82,16 @@ class HandwrittenControlVariateStep(HandwrittenStep):
         estimator: str,
         options: dict | None = None,
         num_samples: int = 1,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        fused: bool | None = None,
+        *,
         estimator_params: Sequence[Tensor] = (),
-        kl: str = "analytic",
+        **kwargs: Any,
     ) -> None:
         options = dict(options or {})
-        if kl != "analytic":
-            raise ValueError(f"no hand-written {estimator} with kl={kl!r}")
         if not supports(estimator, family, options):
-            raise ValueError(f"no hand-written {estimator} {options} for family {family!r}")
-        n_latent = latent_dim * (n_categories if family == "categorical" else 1)
+            raise unsupported(estimator, family, options)
         est_params = list(estimator_params)
         if not est_params:
+            n_latent = latent_dim * (n_categories if family == "categorical" else 1)
             like = params[0]
             temperature = float(options.get("temperature", 0.5))
             est_params = [
@@ -114,14 +108,15 @@ class HandwrittenControlVariateStep(HandwrittenStep):
                 ]
         expected = 2 if estimator == "rebar" else 6
         if len(est_params) != expected:
-            raise ValueError(f"{estimator} takes {expected} estimator parameters")
-        # The base class checks its own table; it gets a stand-in name and no options, and the
-        # estimator is set right after (the base keeps the params, optimizer and model code).
+            raise ValueError(
+                f"{estimator} takes {expected} estimator parameters "
+                f"([log_temperature, eta{', w1, b1, w2, b2' if expected == 6 else ''}]); "
+                f"got {len(est_params)}"
+            )
         super().__init__(
-            params, family, latent_dim, n_categories, _STAND_IN, {}, num_samples,
-            lr=lr, betas=betas, eps=eps, fused=fused, estimator_params=est_params,
+            params, family, latent_dim, n_categories, estimator, options, num_samples,
+            estimator_params=est_params, **kwargs,
         )  # fmt: skip
-        self.estimator = estimator
         self.leaves = [*self.params, *self.est_params]
 
     def loss(self, x: Tensor) -> Tensor:
