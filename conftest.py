@@ -4,6 +4,7 @@
 - ``@pytest.mark.gpu`` tests run only where CUDA is available.
 - torch runs one thread per test process (``GRADBENCH_TEST_THREADS`` overrides): the tests
   are dominated by tiny tensors, and on busy cores extra threads stall (see FIELD-NOTES).
+- glibc keeps freed memory in the process (``benchmarks.allocator``), as training runs do.
 """
 
 from __future__ import annotations
@@ -16,7 +17,20 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
+    from benchmarks.allocator import retain_freed_memory
+
     torch.set_num_threads(int(os.environ.get("GRADBENCH_TEST_THREADS", "1")))
+    retain_freed_memory()  # as in training runs: freed CPU memory is reused, not page-faulted
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Record the torch threads and the CPU allocator settings in benchmark JSONs."""
+    import torch
+
+    from benchmarks.allocator import retain_freed_memory
+
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cpu_malloc"] = retain_freed_memory()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

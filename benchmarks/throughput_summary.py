@@ -222,6 +222,7 @@ def measure(
     """Interleaved harness / hand-written ratios of :func:`acceptance_cases`, with provenance."""
     import torch
 
+    from benchmarks.allocator import retain_freed_memory
     from benchmarks.bench_throughput import build, handwritten_step, harness_step, torch_threads
     from benchmarks.records import git_state, versions
 
@@ -231,6 +232,7 @@ def measure(
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "device": device,
+        "cpu_malloc": retain_freed_memory(),
         "versions": versions(),
         **git_state(),
         "loadavg_before": list(os.getloadavg()),
@@ -336,6 +338,16 @@ def overhead_markdown(report: dict[str, Any]) -> str:
         f"- load average (1, 5, 15 min) before: {_loads(m['loadavg_before'])}; after: "
         f"{_loads(m['loadavg_after'])}",
     ]
+    malloc = m.get("cpu_malloc")
+    lines.append(
+        "- CPU allocator: "
+        + (
+            f"{malloc['malloc']}, mmap threshold {malloc['mmap_threshold'] >> 20} MiB, trim "
+            f"threshold {malloc['trim_threshold'] >> 20} MiB (`benchmarks/allocator.py`)"
+            if malloc
+            else "system defaults"
+        )
+    )
     if m.get("note"):
         lines.append(f"- note: {m['note']}")
     lines += [

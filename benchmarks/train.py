@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import estimators
 from benchmarks import checkpoint, supervise
+from benchmarks.allocator import retain_freed_memory
 from benchmarks.config import HARNESS_ESTIMATOR_KEYS, SCHEDULE_KEYS
 from benchmarks.data import (
     BINARIZATIONS,
@@ -675,6 +676,7 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         overrides=_overrides(),
         device=str(device),
         threads=torch.get_num_threads(),
+        cpu_malloc=retain_freed_memory(),
         optim_fused=fused,
         iwae_k=iwae_k,
         loss=LOSS_NOTE,

@@ -86,7 +86,7 @@ def test_dev_run_of_each_estimator_and_family_completes_with_complete_records(
     assert rec["status"] == "completed" and rec["last_step"] == 12
     assert (rec["estimator"], rec["family"], rec["dataset"]) == (name, family, "synthetic")
     for key in ("run_id", "estimator_label", "model", "seed", "device", "config", "versions",
-                "git_commit", "git_dirty", "start_time", "end_time"):  # fmt: skip
+                "git_commit", "git_dirty", "start_time", "end_time", "cpu_malloc"):  # fmt: skip
         assert key in rec
     df = _metrics(tmp_path)
     assert list(df.columns) == list(COLUMNS)
