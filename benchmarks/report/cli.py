@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m benchmarks.report SWEEP_DIR... [--out DIR] [--throughput JSON...]
+    python -m benchmarks.report SWEEP_DIR... [--out DIR] [--throughput JSON...] \
+        [--overhead JSON...]
 
 Reads run records only (``run.json`` + metrics, Hydra's ``multirun.yaml``), never torch.
 """
@@ -24,6 +25,7 @@ from benchmarks.report.records import (
     STATUS_ORDER,
     discover,
     flatten_config,
+    load_overhead,
     load_records,
     load_throughput,
 )
@@ -215,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="pytest-benchmark JSON files (--benchmark-json) to plot",
     )
     parser.add_argument(
+        "--overhead",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="JSON",
+        help="interleaved harness-overhead measurements (overhead_<device>.json written by "
+        "`python -m benchmarks.throughput_summary --measure`) to plot and tabulate",
+    )
+    parser.add_argument(
         "--n-boot",
         type=int,
         default=1000,
@@ -241,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, sweeps = discover(args.paths)
         metrics, runs = load_records(args.paths)
         throughput = load_throughput(args.throughput) if args.throughput else None
+        overhead = load_overhead(args.overhead) if args.overhead else None
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"gradbench-report: error: {err}", file=sys.stderr)
         return 1
@@ -251,13 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels |= set(metrics.get("probe_label", pd.Series(dtype=str))) - {""}
     if throughput is not None and not throughput.empty:
         labels |= set(throughput["label"].dropna())
+    if overhead is not None:
+        labels |= set(overhead["label"].dropna())
     style = estimator_style(labels)
     out.mkdir(parents=True, exist_ok=True)
     figures = all_figures(
-        metrics, runs, throughput, style, out / "figures", args.n_boot, args.seed
+        metrics, runs, throughput, style, out / "figures", args.n_boot, args.seed, overhead
     )
     write_text(out / "figures" / "palette.json", palette_json(style, figures))
-    tables, _ = all_tables(metrics, runs, throughput, out / "tables", args.seed)
+    tables, _ = all_tables(metrics, runs, throughput, out / "tables", args.seed, overhead)
     write_text(out / "runs.csv", runs.drop(columns=["config"]).to_csv(index=False))
     report = write_report_md(out, argv, args.paths, runs, figures, tables, sweeps)
     n_bad = int((runs["status"] != "completed").sum())

@@ -694,6 +694,58 @@ def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> 
     return result
 
 
+def overhead_figure(ov: pd.DataFrame | None, style: EstimatorStyle, out_dir: Path) -> FigureResult:
+    """The harness's overhead measured side by side: harness / hand-written training step
+    time per estimator (interleaved blocks; median, 95% bootstrap interval), one panel per
+    device, threads and batch size, with the acceptance target."""
+    name = "harness_overhead"
+    caption = (
+        "Harness overhead: time of a training step through the harness over that of a "
+        "hand-written PyTorch step of the same model and estimator (1 = no overhead), timed "
+        "in interleaved blocks (`python -m benchmarks.throughput_summary --measure`); dots: "
+        "median ratio over blocks, whiskers: 95% bootstrap intervals; dashed line: 1; dotted "
+        "marks: each case's target (none for cases measured for information)."
+    )
+    result = FigureResult(name, caption)
+    if ov is None or ov.empty:
+        result.skipped = "no overhead measurement given (--overhead)"
+        return result
+    keys = ["device", "threads", "batch_size"]
+    ov = ov.assign(**{k: ov[k].fillna("—") for k in keys})
+    groups = list(ov.groupby(keys, sort=True))
+    n_labels = ov["label"].nunique()
+    with mpl.rc_context(PAPER_RC), sns.axes_style("whitegrid", PAPER_RC):
+        fig, axes, _ = _flat_grid(len(groups), 2, row_height=0.5 + 0.2 * n_labels)
+        for ax, ((device, threads, batch), part) in zip(axes, groups, strict=True):
+            part = part.sort_values("label", ascending=False).reset_index(drop=True)
+            for y, r in part.iterrows():
+                drawn = ax.errorbar(
+                    r["ratio"],
+                    y,
+                    xerr=[[max(r["ratio"] - r["ci_low"], 0)], [max(r["ci_high"] - r["ratio"], 0)]],
+                    color=style.color(r["label"]),
+                    marker=style.marker(r["label"]),
+                    ms=4,
+                    capsize=1.5,
+                    elinewidth=0.8,
+                )
+                result.colors[r["label"]] = mpl.colors.to_rgba(drawn.lines[0].get_color())
+            ax.set_yticks(range(len(part)), part["label"])
+            ax.set_ylim(-0.6, len(part) - 0.4)
+            ax.axvline(1.0, color="0.3", lw=0.7, ls="--")
+            ax.margins(x=0.06)
+            for y, target in part["target"].items():  # each case's own target
+                if target is not None and not pd.isna(target):
+                    ax.vlines(target, y - 0.42, y + 0.42, color="0.15", lw=1.1, ls=":")
+            ax.xaxis.set_major_locator(MaxNLocator(4, steps=_NICE))
+            ax.set_xlabel("harness / hand-written")
+            threads_text = "" if threads == "—" else f" · {threads} thread(s)"
+            ax.set_title(f"{device}{threads_text} · batch {batch}")
+            ax.grid(True, axis="x", alpha=0.5)
+        result.files = _save(fig, out_dir, name)
+    return result
+
+
 def all_figures(
     df: pd.DataFrame,
     runs: pd.DataFrame,
@@ -702,6 +754,7 @@ def all_figures(
     out_dir: Path,
     n_boot: int = 1000,
     seed: int = 0,
+    overhead: pd.DataFrame | None = None,
 ) -> list[FigureResult]:
     """Every figure of a report, written under ``out_dir`` (skipped ones included)."""
     completed = primary_rows(df[df["status"] == "completed"])
@@ -713,4 +766,5 @@ def all_figures(
     results.append(temperature_ablation(df, runs, style, out_dir, n_boot, seed))
     results.append(steps_per_s_figure(df, style, out_dir, n_boot, seed))
     results.append(benchmark_figure(throughput, style, out_dir))
+    results.append(overhead_figure(overhead, style, out_dir))
     return results

@@ -440,6 +440,42 @@ def load_throughput(paths: Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: Columns of :func:`load_overhead`.
+OVERHEAD_COLUMNS = (
+    "source", "label", "estimator", "family", "batch_size", "num_samples", "device", "threads",
+    "harness_ms", "handwritten_ms", "ratio", "ci_low", "ci_high", "blocks", "target",
+    "meets_target", "date", "git_commit",
+)  # fmt: skip
+
+
+def load_overhead(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Tidy rows from interleaved overhead measurements
+    (``python -m benchmarks.throughput_summary --measure``: ``overhead_<device>.json``).
+
+    One row per case (:data:`OVERHEAD_COLUMNS`): the harness / hand-written ratio (median over
+    blocks) with its 95% bootstrap interval, both step times, the target where the case has
+    one, and the file's date and commit. Raises ``ValueError`` for a file that is not such a
+    measurement.
+    """
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise ValueError(
+                f"{path}: not an overhead measurement (expected the JSON written by "
+                "`python -m benchmarks.throughput_summary --measure`, with 'machine' and "
+                "'results')"
+            )
+        machine = data.get("machine") or {}
+        for r in data["results"]:
+            row = {k: r.get(k) for k in OVERHEAD_COLUMNS}
+            row.update(source=str(path), date=machine.get("date"),
+                       git_commit=machine.get("git_commit"))  # fmt: skip
+            row["device"] = row["device"] or machine.get("device")
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(OVERHEAD_COLUMNS))
+
+
 def with_reference(tp: pd.DataFrame) -> pd.DataFrame:
     """``tp`` (from :func:`load_throughput`) plus ``ref_s``, the median time of the matching
     hand-written reference row, and ``ratio = median_s / ref_s`` (NaN without a match).

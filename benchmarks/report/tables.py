@@ -366,6 +366,50 @@ def benchmark_table(tp: pd.DataFrame | None, out_dir: Path) -> TableResult | Non
     )
 
 
+def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None:
+    """The harness's overhead measured side by side (interleaved), with the targets."""
+    if ov is None or ov.empty:
+        return None
+    ov = ov.sort_values(["device", "threads", "batch_size", "family", "label"])
+    cols = ["estimator", "family", "B", "S", "device", "threads"]
+    md_rows, tex_rows = [], []
+    for r in ov.itertuples():
+        ident = [str(x) for x in (r.label, r.family, r.batch_size, r.num_samples, r.device,
+                                  r.threads)]  # fmt: skip
+        has_target = r.target is not None and not pd.isna(r.target)
+        nums = [
+            f"{r.harness_ms:.2f}",
+            f"{r.handwritten_ms:.2f}",
+            f"{r.ratio:.3f}",
+            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+            f"≤ {r.target:.2f}" if has_target else NA,
+            ("yes" if r.ratio <= r.target else "no") if has_target else NA,
+        ]
+        md_rows.append(ident + nums)
+        tex_rows.append([tex_escape(x) for x in ident + nums])
+    header = [*cols, "harness (ms)", "hand-written (ms)", "ratio", "95% CI", "target", "met"]
+    sources = ", ".join(
+        f"{src} ({date}, commit {str(commit)[:10]})"
+        for src, date, commit in ov[["source", "date", "git_commit"]]
+        .drop_duplicates()
+        .itertuples(index=False)
+    )
+    note = (
+        "Harness training step / hand-written training step of the same model and estimator, "
+        "timed in interleaved blocks (`python -m benchmarks.throughput_summary --measure`): "
+        "median ratio over blocks with a 95% percentile-bootstrap interval over blocks; times "
+        f"are medians per step. From: {sources}."
+    )
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, [])
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, [], len(cols))
+    return TableResult(
+        "harness_overhead",
+        "Harness overhead against a hand-written step (interleaved).",
+        md,
+        _write(out_dir, "harness_overhead", md, tex),
+    )
+
+
 def _write(out_dir: Path, name: str, md: str, tex: str) -> list[Path]:
     return [write_text(out_dir / f"{name}.md", md), write_text(out_dir / f"{name}.tex", tex)]
 
@@ -376,6 +420,7 @@ def all_tables(
     throughput: pd.DataFrame | None,
     out_dir: Path,
     seed: int = 0,
+    overhead: pd.DataFrame | None = None,
 ) -> tuple[list[TableResult], pd.DataFrame]:
     """Every table of a report, and the statistics behind them (also ``summary_stats.csv``)."""
     fv = final_values(df)
@@ -385,4 +430,5 @@ def all_tables(
     results = [summary_table(stats, runs, out_dir)]
     results += [quantity_table(stats, runs, q, out_dir) for q in QUANTITIES]
     results += [basket_table(df, runs, out_dir), benchmark_table(throughput, out_dir)]
+    results.append(overhead_table(overhead, out_dir))
     return [r for r in results if r is not None], stats

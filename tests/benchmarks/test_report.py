@@ -23,7 +23,7 @@ import yaml
 from benchmarks.report import estimator_style, final_values, load_records, main
 from benchmarks.report.figures import align_runs
 from benchmarks.report.records import discover
-from benchmarks.report.tables import welch_p
+from benchmarks.report.tables import NA, welch_p
 
 REPO = Path(__file__).resolve().parents[2]
 GS1 = "gumbel_softmax (ST, τ=1)"
@@ -44,6 +44,7 @@ EXPECTED_FIGURES = [
     "temperature_ablation",
     "throughput_runs",
     "throughput_benchmark",
+    "harness_overhead",
 ]
 EXPECTED_TABLES = [
     "summary",
@@ -54,6 +55,7 @@ EXPECTED_TABLES = [
     "f_evals_per_step",
     "grad_var_basket",
     "throughput_benchmark",
+    "harness_overhead",
 ]
 
 
@@ -298,17 +300,43 @@ def run_report_subprocess(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def write_overhead(path: Path) -> dict:
+    """An interleaved overhead measurement as ``throughput_summary --measure`` writes it:
+    GS1 and RLOO at batch 100 (target 1.10) and 1024 (1.05 / 1.10), reparam without target."""
+    results = []
+    for batch, target in ((100, 1.10), (1024, 1.05)):
+        for label, family, ratio in (
+            (GS1, "bernoulli", 1.04 if batch == 100 else 1.07),
+            (RLOO, "bernoulli", 1.02),
+            (REPARAM, "gaussian", 1.2),
+        ):
+            limit = None if family == "gaussian" else (1.10 if label == RLOO else target)
+            results.append({
+                "label": label, "estimator": label.split(" ")[0], "family": family,
+                "batch_size": batch, "num_samples": 2 if label == RLOO else 1, "device": "cpu",
+                "threads": 1, "harness_ms": 4.2 * ratio, "handwritten_ms": 4.2, "ratio": ratio,
+                "ci_low": ratio - 0.013, "ci_high": ratio + 0.021, "target": limit,
+                "meets_target": None if limit is None else ratio <= limit, "blocks": 25,
+            })  # fmt: skip
+    data = {"machine": {"device": "cpu", "date": "2026-01-02T03:04:05+00:00",
+                        "git_commit": "def5678"}, "results": results}  # fmt: skip
+    path.write_text(json.dumps(data))
+    return data
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Run the report once on the synthetic sweeps; tests inspect its outputs."""
     root = tmp_path_factory.mktemp("records")
     sweep, tau_sweep, single, bench = make_sweeps(root)
+    overhead = write_overhead(root / "overhead_cpu.json")
     out = root / "out"
     argv = [str(sweep), str(tau_sweep), str(single), "--out", str(out),
-            "--throughput", str(bench), "--n-boot", "200"]  # fmt: skip
+            "--throughput", str(bench), "--overhead", str(root / "overhead_cpu.json"),
+            "--n-boot", "200"]  # fmt: skip
     result = run_report_subprocess(argv)
     return {**result, "out": out, "root": root, "paths": [sweep, tau_sweep, single],
-            "bench": bench, "argv": argv}  # fmt: skip
+            "bench": bench, "overhead": overhead, "argv": argv}  # fmt: skip
 
 
 # --------------------------------------------------------------- independent recomputation
@@ -491,6 +519,43 @@ def tex_run(run_id: str) -> str:
     return run_id.replace("_", "\\_")
 
 
+def test_overhead_table_gives_each_measured_ratio_with_its_interval_and_target(
+    report: dict,
+) -> None:
+    """Every case of the overhead JSON is a row with its times, ratio, interval and target;
+    'met' says whether the ratio is within the target (no target: a dash)."""
+    rows = markdown_rows(report["out"] / "tables" / "harness_overhead.md")
+    assert len(rows) == len(report["overhead"]["results"]) == 6
+    by_case = {(r["estimator"], int(r["B"])): r for r in rows}
+    for case in report["overhead"]["results"]:
+        row = by_case[(case["label"], case["batch_size"])]
+        assert float(row["ratio"]) == pytest.approx(case["ratio"], abs=5e-4)
+        low, high = (float(x) for x in row["95% CI"].strip("[]").split(","))
+        assert (low, high) == pytest.approx((case["ci_low"], case["ci_high"]), abs=5e-4)
+        assert float(row["hand-written (ms)"]) == pytest.approx(case["handwritten_ms"], abs=5e-3)
+        if case["target"] is None:
+            assert row["target"] == row["met"] == NA
+        else:
+            assert row["target"] == f"≤ {case['target']:.2f}"
+            assert row["met"] == ("yes" if case["ratio"] <= case["target"] else "no")
+    assert by_case[(REPARAM, 100)]["met"] == NA and by_case[(GS1, 1024)]["met"] == "no"
+    text = (report["out"] / "tables" / "harness_overhead.md").read_text()
+    assert "def5678" in text and "2026-01-02" in text  # which measurement, from when
+
+
+def test_a_file_that_is_not_an_overhead_measurement_is_an_error(report: dict) -> None:
+    """--overhead with a pytest-benchmark JSON: exit 1 naming the file, nothing written."""
+    out = report["root"] / "bad_overhead"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(report["paths"][2]), "--out", str(out),
+         "--overhead", str(report["bench"])],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert str(report["bench"]) in proc.stderr and "not an overhead measurement" in proc.stderr
+    assert not out.exists()
+
+
 def test_report_md_has_provenance_skips_and_regeneration_command(report: dict) -> None:
     """Commits, versions, devices, configs, the sweep command, skipped figures, the command."""
     text = (report["out"] / "report.md").read_text()
@@ -502,6 +567,7 @@ def test_report_md_has_provenance_skips_and_regeneration_command(report: dict) -
         "python -m benchmarks.train --multirun estimator=gumbel_softmax,rloo seed=0,1,2,3",
         "python -m benchmarks.report",
         "--throughput",
+        "--overhead",
         "`estimator.temperature`",
     ):
         assert needle in text, needle
