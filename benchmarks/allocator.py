@@ -5,15 +5,26 @@ A training step on CPU allocates and frees the same large temporaries at every s
 ``malloc`` serves blocks above its mmap threshold with fresh ``mmap`` pages and returns the top
 of the heap to the system above its trim threshold, so such tensors are page-faulted in again
 at every step: measured on 2 cores, 8-10% of a batch-1024 step of REINFORCE and 22% of
-Gumbel-Rao's (``python -m benchmarks.throughput_summary --measure`` reports the settings it ran
-with). :func:`retain_freed_memory` raises both thresholds so that freed memory stays in the
-process and is reused; batch-100 steps are unaffected.
+Gumbel-Rao's. :func:`retain_freed_memory` raises both thresholds so that freed memory stays in
+the process and is reused; batch-100 steps are unaffected. ``GRADBENCH_MALLOC=system`` keeps
+glibc's defaults.
+
+Measure the effect (harness training steps, each setting in its own processes, alternated)::
+
+    python -m benchmarks.allocator [--repeats 3] [--out results/throughput/allocator_cpu.md]
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import os
 import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 #: ``mallopt`` parameter numbers (glibc ``malloc.h``).
@@ -32,12 +43,14 @@ def retain_freed_memory() -> dict[str, Any] | None:
     than unmapped and page-faulted in again.
 
     Returns the settings applied (``{"malloc": "glibc <version>", "mmap_threshold": ...,
-    "trim_threshold": ...}``, also on repeated calls), or ``None`` where the C library is not
-    glibc (macOS, musl, Windows), where nothing is changed.
+    "trim_threshold": ...}``, also on repeated calls), or ``None`` where nothing is changed:
+    the C library is not glibc (macOS, musl, Windows), or ``GRADBENCH_MALLOC=system``.
     """
     global _applied
     if _applied is not None:
         return _applied
+    if os.environ.get("GRADBENCH_MALLOC", "") == "system":
+        return None
     libc, version = platform.libc_ver()
     if platform.system() != "Linux" or libc != "glibc":
         return None
@@ -56,3 +69,85 @@ def retain_freed_memory() -> dict[str, Any] | None:
         "trim_threshold": TRIM_THRESHOLD,
     }
     return _applied
+
+
+# ----------------------------------------------------------------------------- measurement
+
+#: ``(estimator, batch size)`` of :func:`main`'s cases: linear Bernoulli VAE, default options.
+CASES = (("reinforce", 100), ("reinforce", 1024), ("gumbel_softmax", 1024), ("gumbel_rao", 1024))
+
+_TIME_STEPS = """
+import statistics, sys, time
+import torch
+from benchmarks.allocator import retain_freed_memory
+from benchmarks.bench_throughput import build, harness_step, make_case
+retain_freed_memory()
+torch.set_num_threads(1)
+name, batch = sys.argv[1], int(sys.argv[2])
+step = harness_step(build(make_case(name, {}, "bernoulli", batch, 1, "linear", "cpu", 1)))
+for _ in range(5):
+    step()
+n = max(3, round(0.3 / (lambda t: (step(), time.perf_counter() - t)[1])(time.perf_counter())))
+times = []
+for _ in range(7):
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    times.append((time.perf_counter() - t) / n)
+print(1e3 * statistics.median(times))
+"""
+
+
+def step_ms(name: str, batch: int, malloc: str) -> float:
+    """Median harness training-step time (ms) in a fresh process, with ``GRADBENCH_MALLOC``
+    set to ``malloc`` (``system``: glibc's defaults; ``retain``: :func:`retain_freed_memory`)."""
+    env = {**os.environ, "GRADBENCH_MALLOC": malloc}
+    out = subprocess.run(
+        [sys.executable, "-c", _TIME_STEPS, name, str(batch)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print harness step times with glibc's defaults and with freed memory retained."""
+    parser = argparse.ArgumentParser(description="Step time: glibc defaults vs retained memory.")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per setting and case")
+    parser.add_argument("--out", default=None, help="also write the table (Markdown) here")
+    args = parser.parse_args(argv)
+    lines = [
+        "# Harness step time: glibc malloc defaults vs freed memory retained",
+        "",
+        f"`python -m benchmarks.allocator --repeats {args.repeats}`: linear Bernoulli VAE, "
+        "1 torch thread, default estimator options; median over 7 blocks of about 0.3 s in "
+        f"each of {args.repeats} fresh processes per setting (alternated), median over "
+        "processes. Retained: mmap threshold "
+        f"{MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB.",
+        "",
+        f"- {platform.platform()}, {os.cpu_count()} CPUs; load average before: "
+        + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "",
+        "| estimator | B | glibc defaults (ms) | retained (ms) | retained / defaults |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    for name, batch in CASES:
+        times: dict[str, list[float]] = {"system": [], "retain": []}
+        for _ in range(args.repeats):  # alternated, so slow load changes hit both alike
+            for malloc in times:
+                times[malloc].append(step_ms(name, batch, malloc))
+        system, retain = (statistics.median(times[m]) for m in ("system", "retain"))
+        lines.append(f"| {name} | {batch} | {system:.2f} | {retain:.2f} | {retain / system:.3f} |")
+        print(lines[-1], flush=True)
+    lines.append("")
+    lines.append("- load average after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(lines[-1])
+    if args.out:
+        from benchmarks.records import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.out), ("\n".join(lines) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

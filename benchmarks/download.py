@@ -33,6 +33,7 @@ from benchmarks.data import (
     OMNIGLOT_NPZ,
     default_root,
 )
+from benchmarks.records import atomic_write_bytes
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -165,7 +166,9 @@ def download(name: str, root: str | Path | None = None, force: bool = False) -> 
         print(f"{name}: downloading {remote.url} -> {dest}")
         _, got_sha256 = fetch(remote.url, dest, md5=remote.md5, sha256=remote.sha256)
         if remote.md5 is None and remote.sha256 is None:
-            dest.with_name(dest.name + ".sha256").write_text(f"{got_sha256}  {dest.name}\n")
+            atomic_write_bytes(
+                dest.with_name(dest.name + ".sha256"), f"{got_sha256}  {dest.name}\n".encode()
+            )
             print(f"{name}: no published checksum; SHA-256 {got_sha256} (recorded, not verified)")
         else:
             print(f"{name}: checksum OK")

@@ -415,10 +415,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["machine"]["loadavg_after"] = list(os.getloadavg())
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        from benchmarks.records import atomic_write_bytes
+
         stem = out / f"overhead_{args.device}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        md = overhead_markdown(report)
-        stem.with_suffix(".md").write_text(md)
+        md = overhead_markdown(report)  # the JSON, then its table: each replaced atomically
+        atomic_write_bytes(
+            stem.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode()
+        )
+        atomic_write_bytes(stem.with_suffix(".md"), md.encode())
         print(md)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,23 @@ def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(allocator, "_applied", None)
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert allocator.retain_freed_memory() is None
+
+
+def test_gradbench_malloc_system_keeps_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRADBENCH_MALLOC=system: nothing is changed and None is reported."""
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setenv("GRADBENCH_MALLOC", "system")
+    assert allocator.retain_freed_memory() is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+def test_measurement_writes_a_table_of_both_settings(tmp_path: Path) -> None:
+    """`python -m benchmarks.allocator --repeats 1 --out F` times every case both ways."""
+    out = tmp_path / "allocator.md"
+    assert allocator.main(["--repeats", "1", "--out", str(out)]) == 0
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "ms" not in ln]
+    assert len(rows) == len(allocator.CASES)
+    for row in rows:
+        system, retained, ratio = (float(c) for c in row.strip("|").split("|")[2:])
+        assert system > 0 and retained > 0 and ratio == pytest.approx(retained / system, 1e-2)
