@@ -475,6 +475,12 @@ _FULL = os.environ.get("GRADBENCH_BENCH_FULL", "") not in ("", "0")
 COMPILE = os.environ.get("GRADBENCH_BENCH_COMPILE", "") not in ("", "0")
 
 
+def compiles(case: Case) -> bool:
+    """Whether ``torch.compile`` can trace the case's estimator (not REBAR / RELAX, whose
+    estimate needs a double backward)."""
+    return not estimators.get(case.estimator, **case.opts).double_backward
+
+
 def case_kinds(case: Case) -> list[str]:
     """The kinds timed for ``case``, in the order they run: the harness step and its
     hand-written reference back to back (so the load changes little between them), then the
@@ -483,7 +489,7 @@ def case_kinds(case: Case) -> list[str]:
     if case.has_handwritten:
         kinds.append("handwritten_step")
     kinds.append("estimate")
-    if COMPILE and case.has_handwritten and is_representative(case):
+    if COMPILE and case.has_handwritten and is_representative(case) and compiles(case):
         kinds.append("harness_step_compiled")
     if _FULL or probed_by_default(case):
         kinds.append("probe")

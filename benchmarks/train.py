@@ -248,13 +248,22 @@ def estimator_label(est_cfg: dict[str, Any], schedule: TemperatureSchedule | Non
 
 def check_estimator_fits_model(estimator: estimators.EstimatorBase, cfg: DictConfig) -> str:
     """The train metric of the estimator's objective (``elbo`` or ``iwae``), after checking
-    that ``f`` suits it: an ``iwae`` objective needs log weights, i.e. ``model.kl=sampled``."""
+    that ``f`` suits it (an ``iwae`` objective needs log weights, i.e. ``model.kl=sampled``)
+    and that ``compile=true`` is not asked of an estimator that needs a double backward."""
     kind = getattr(estimator, "objective_kind", "mean")
     if kind == "iwae" and cfg.model.kl != "sampled":
         raise ConfigError(
             f"model.kl={cfg.model.kl!r} is invalid for estimator={cfg.estimator.name}, whose "
             "objective is the multi-sample (IWAE) bound of log weights "
             "f = log p(x, z) - log q(z|x); allowed: sampled"
+        )
+    if cfg.get("compile") and getattr(estimator, "double_backward", False):
+        compilable = [n for n in estimators.available() if not estimators.get(n).double_backward]
+        raise ConfigError(
+            f"compile=true is invalid for estimator={cfg.estimator.name}: its estimate "
+            "differentiates through a gradient (autograd.grad with create_graph=True, to train "
+            "its control variate), which torch.compile does not support; allowed: "
+            f"compile=false; estimators that compile: {', '.join(compilable)}"
         )
     return "iwae" if kind == "iwae" else "elbo"
 

@@ -140,6 +140,10 @@ class EstimatorBase(nn.Module):
     #: training loop then backpropagates into its parameters only (``backward(inputs=...)``),
     #: which skips the branches leading to those leaves; elsewhere that costs a few percent.
     private_leaves: ClassVar[bool] = False
+    #: Whether the estimate differentiates through a gradient (``torch.autograd.grad`` with
+    #: ``create_graph=True``: REBAR / RELAX train their control variate on the estimator's
+    #: variance); ``torch.compile`` cannot trace that, so the harness refuses ``compile=true``.
+    double_backward: ClassVar[bool] = False
 
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()

@@ -92,6 +92,7 @@ class REBAR(EstimatorBase):
     name = "rebar"
     families = frozenset({"bernoulli", "categorical"})
     private_leaves = True  # theta, the control variate's copy of the logits
+    double_backward = True  # the variance objective differentiates d c / d theta
 
     def __init__(self, temperature: float = 0.5, eta: float = 1.0, num_samples: int = 1):
         super().__init__(num_samples)

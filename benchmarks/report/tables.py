@@ -356,14 +356,10 @@ def benchmark_table(tp: pd.DataFrame | None, out_dir: Path) -> TableResult | Non
         "a separate test (it drifts with the machine's load; `python -m "
         "benchmarks.throughput_summary --measure` times the two interleaved)."
     )
-    md = _markdown(pd.DataFrame(md_rows, columns=header), note, [])
-    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, [], len(cols))
-    return TableResult(
-        "throughput_benchmark",
-        "Throughput (pytest-benchmark).",
-        md,
-        _write(out_dir, "throughput_benchmark", md, tex),
-    )
+    return _plain_table(
+        "throughput_benchmark", "Throughput (pytest-benchmark).", header, md_rows, tex_rows,
+        note, len(cols), out_dir,
+    )  # fmt: skip
 
 
 def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None:
@@ -400,14 +396,26 @@ def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None
         "median ratio over blocks with a 95% percentile-bootstrap interval over blocks; times "
         f"are medians per step. From: {sources}."
     )
+    return _plain_table(
+        "harness_overhead", "Harness overhead against a hand-written step (interleaved).",
+        header, md_rows, tex_rows, note, len(cols), out_dir,
+    )  # fmt: skip
+
+
+def _plain_table(
+    name: str,
+    title: str,
+    header: list[str],
+    md_rows: list[list[str]],
+    tex_rows: list[list[str]],
+    note: str,
+    n_text: int,
+    out_dir: Path,
+) -> TableResult:
+    """A table without excluded runs, as Markdown and booktabs LaTeX under ``name``."""
     md = _markdown(pd.DataFrame(md_rows, columns=header), note, [])
-    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, [], len(cols))
-    return TableResult(
-        "harness_overhead",
-        "Harness overhead against a hand-written step (interleaved).",
-        md,
-        _write(out_dir, "harness_overhead", md, tex),
-    )
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, [], n_text)
+    return TableResult(name, title, md, _write(out_dir, name, md, tex))
 
 
 def _write(out_dir: Path, name: str, md: str, tex: str) -> list[Path]:

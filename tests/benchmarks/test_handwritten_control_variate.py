@@ -11,7 +11,8 @@ import torch
 
 from benchmarks import bench_throughput as bt
 from benchmarks import handwritten_control_variate as hcv
-from benchmarks.train import estimate_loss, optimizer_step
+from benchmarks.train import estimate_loss
+from tests.benchmarks.handwritten_pairs import assert_two_steps_update_alike, close, pair
 
 #: (estimator, options); each runs on all its hand-written families.
 CONFIGS = [
@@ -39,30 +40,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def _pair(
-    case: bt.Case, dtype: torch.dtype = torch.float32
-) -> tuple[bt.Setup, hcv.HandwrittenControlVariateStep]:
-    """The harness setup (converted to ``dtype``) and a hand-written step with copies of its
-    model and estimator parameters (after ``build`` has materialized RELAX's lazy layer)."""
-    setup = bt.build(case)
-    setup.model.to(dtype)
-    setup.estimator.to(dtype)
-    setup.x = setup.x.to(dtype)
-    latent_dim, n_categories = bt.LATENTS[case.family]
-    hand = hcv.HandwrittenControlVariateStep(
-        [p.detach().clone() for p in setup.model.parameters()],
-        case.family, latent_dim, n_categories, case.estimator, case.opts, case.num_samples,
-        lr=bt.OPTIM.lr, betas=tuple(bt.OPTIM.betas), eps=bt.OPTIM.eps, fused=setup.fused,
-        estimator_params=[p.detach().clone() for p in setup.estimator.parameters()],
-    )  # fmt: skip
-    return setup, hand
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
-    """Equal up to rounding, relative to the tensor's scale."""
-    return bool((a - b).abs().max() <= rtol * max(1.0, float(a.abs().max())))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_gradients_equal_harness(case: bt.Case, dtype: torch.dtype) -> None:
@@ -75,7 +52,7 @@ def test_loss_and_gradients_equal_harness(case: bt.Case, dtype: torch.dtype) -> 
     estimator's gradient in the training backward instead of a separate one): float32 agrees
     to ~1e-6 relative (exactly, for most Bernoulli cases), float64 to ~1e-14, which rules out
     a real difference hiding under the float32 tolerance."""
-    setup, hand = _pair(case, dtype)
+    setup, hand = pair(case, dtype)
     rtol_loss, rtol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-10)
     params = [*setup.model.parameters(), *setup.estimator.parameters()]
     assert len(hand.leaves) == len(params)
@@ -86,10 +63,10 @@ def test_loss_and_gradients_equal_harness(case: bt.Case, dtype: torch.dtype) -> 
     hand_loss = hand.loss(setup.x)
     hand_grads = torch.autograd.grad(hand_loss, hand.leaves)
     assert hand_loss.dtype == dtype
-    assert _close(loss.detach(), hand_loss.detach(), rtol_loss)
+    assert close(loss.detach(), hand_loss.detach(), rtol_loss)
     for p, g, h in zip(params, grads, hand_grads, strict=True):
         assert g.shape == h.shape == p.shape
-        assert _close(g, h, rtol_grad)
+        assert close(g, h, rtol_grad)
     # The estimator's parameters are trained: their gradient is not zero (the temperature's
     # is, exactly, when eta = 0: then it enters no term).
     assert all(g.abs().max() > 0 for g in grads[len(hand.params) + 1 :])
@@ -102,18 +79,9 @@ def test_two_training_steps_update_like_harness(case: bt.Case) -> None:
 
     In float64: Adam moves each entry by about ``lr * g / (|g| + eps)``, so in float32 a
     gradient entry at rounding level would turn rounding differences into ~``lr``."""
-    setup, hand = _pair(case, torch.float64)
+    setup, hand = pair(case, torch.float64)
     start = [p.detach().clone() for p in hand.est_params]
-    for step in range(2):
-        torch.manual_seed(10 + step)
-        loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, setup.kl, case.num_samples)
-        optimizer_step(setup.optimizer, loss)
-        torch.manual_seed(10 + step)
-        hand_loss = hand(setup.x)
-        assert _close(loss.detach(), hand_loss.detach(), rtol=1e-10)
-    params = [*setup.model.parameters(), *setup.estimator.parameters()]
-    for p, h in zip(params, hand.leaves, strict=True):
-        assert _close(p.detach(), h.detach(), rtol=1e-10)
+    assert_two_steps_update_alike(setup, hand)
     # The estimator's parameters were trained (so the comparison above covers their updates).
     assert not torch.equal(hand.est_params[1].detach(), start[1])  # eta
 

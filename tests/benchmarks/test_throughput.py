@@ -21,7 +21,8 @@ from benchmarks.throughput_summary import (
     ratio_rows,
     ratio_table,
 )
-from benchmarks.train import estimate_loss, optimizer_step
+from benchmarks.train import estimate_loss
+from tests.benchmarks.handwritten_pairs import assert_two_steps_update_alike, close, pair
 
 #: (estimator, options, S) with a hand-written version; each runs on all its families.
 HANDWRITTEN = [
@@ -63,54 +64,30 @@ CASES = [
 ]
 
 
-def _pair(
-    case: bt.Case, dtype: torch.dtype = torch.float32
-) -> tuple[bt.Setup, handwritten.HandwrittenStep]:
-    """The harness setup (converted to ``dtype``) and a hand-written step with copies of its
-    model and estimator parameters (after ``build`` materialized NVIL's lazy layer)."""
-    setup = bt.build(case)
-    setup.model.to(dtype)
-    setup.estimator.to(dtype)
-    setup.x = setup.x.to(dtype)
-    latent_dim, n_categories = bt.LATENTS[case.family]
-    hand = handwritten.make_step(
-        [p.detach().clone() for p in setup.model.parameters()],
-        case.family, latent_dim, n_categories, case.estimator, options=case.opts,
-        num_samples=case.num_samples, fused=setup.fused, kl=setup.kl,
-        estimator_params=[p.detach().clone() for p in setup.estimator.parameters()],
-    )  # fmt: skip
-    return setup, hand
-
-
 def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Gradients of ``loss``; None for a parameter it does not use (NVIL's scalar)."""
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
-def _grads_close(grads: list, hand_grads: list, rtol: float = 1e-4) -> None:
+def _gradsclose(grads: list, hand_grads: list, rtol: float = 1e-4) -> None:
     for i, (g, h) in enumerate(zip(grads, hand_grads, strict=True)):
         assert (g is None) == (h is None), f"parameter {i}: used by only one of the two"
-        assert g is None or _close(g, h, rtol=rtol), f"parameter {i}: gradients differ"
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
-    """Equal up to float32 rounding, relative to the tensor's scale."""
-    return bool((a - b).abs().max() <= rtol * max(1.0, float(a.abs().max())))
+        assert g is None or close(g, h, rtol=rtol), f"parameter {i}: gradients differ"
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_handwritten_loss_and_gradients_equal_harness(case: bt.Case) -> None:
     """From the same parameters and RNG state, the hand-written loss and every parameter
     gradient equal the harness's (estimate_loss) up to float32 rounding."""
-    setup, hand = _pair(case)
+    setup, hand = pair(case)
     torch.manual_seed(1)
     loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, setup.kl, case.num_samples)
     grads = _grads(loss, [*setup.model.parameters(), *setup.estimator.parameters()])
     torch.manual_seed(1)
     hand_loss = hand.loss(setup.x)
     hand_grads = _grads(hand_loss, [*hand.params, *hand.est_params])
-    assert _close(loss.detach(), hand_loss.detach())
-    _grads_close(grads, hand_grads)
+    assert close(loss.detach(), hand_loss.detach())
+    _gradsclose(grads, hand_grads)
 
 
 @pytest.mark.parametrize(
@@ -123,23 +100,13 @@ def test_handwritten_step_updates_like_harness(case: bt.Case) -> None:
     In float64: Adam moves each entry by about ``lr * g / (|g| + eps)``, so in float32 a
     gradient entry at rounding level (a sum of terms ~0.1 that cancel to ~1e-8) would turn
     the two implementations' rounding differences into a difference of up to ``lr``."""
-    setup, hand = _pair(case, torch.float64)
-    for step in range(2):
-        torch.manual_seed(10 + step)
-        loss, _ = estimate_loss(setup.model, setup.estimator, setup.x, setup.kl, case.num_samples)
-        optimizer_step(setup.optimizer, loss)
-        torch.manual_seed(10 + step)
-        hand_loss = hand(setup.x)
-        assert _close(loss.detach(), hand_loss.detach(), rtol=1e-10)
-    harness = [*setup.model.parameters(), *setup.estimator.parameters()]
-    for i, (p, h) in enumerate(zip(harness, [*hand.params, *hand.est_params], strict=True)):
-        assert _close(p.detach(), h.detach(), rtol=1e-10), f"parameter {i} differs"
+    assert_two_steps_update_alike(*pair(case, torch.float64))
 
 
 def test_moving_average_state_matches_harness() -> None:
     """The hand-written moving average follows the harness baseline's buffers over steps."""
     case = bt.make_case("reinforce", {"baseline": "moving_average"}, "bernoulli", 16, 2)
-    setup, hand = _pair(case)
+    setup, hand = pair(case)
     for step in range(4):
         torch.manual_seed(step)
         estimate_loss(setup.model, setup.estimator, setup.x, setup.kl, case.num_samples)
@@ -156,7 +123,7 @@ def test_nvil_state_matches_harness(normalize: bool) -> None:
     steps, and the fourth step's loss and gradients (centered, with ``normalize`` scaled,
     by them) still agree. The bias correction is float32 in the harness and float64 here."""
     case = bt.make_case("nvil", {"normalize": normalize, "decay": 0.5}, "bernoulli", 16, 2)
-    setup, hand = _pair(case)
+    setup, hand = pair(case)
     for step in range(3):
         torch.manual_seed(step)
         estimate_loss(setup.model, setup.estimator, setup.x, setup.kl, case.num_samples)
@@ -174,8 +141,8 @@ def test_nvil_state_matches_harness(normalize: bool) -> None:
     torch.manual_seed(3)
     hand_loss = hand.loss(setup.x)
     hand_grads = _grads(hand_loss, [*hand.params, *hand.est_params])
-    assert _close(loss.detach(), hand_loss.detach())
-    _grads_close(grads, hand_grads)
+    assert close(loss.detach(), hand_loss.detach())
+    _gradsclose(grads, hand_grads)
 
 
 def test_handwritten_refuses_what_it_does_not_implement() -> None:
@@ -314,3 +281,36 @@ def test_bootstrap_interval_brackets_the_median() -> None:
     low, high = bootstrap_median_ci(values)
     assert low <= sorted(values)[3] <= high
     assert bootstrap_median_ci([2.0] * 5) == (2.0, 2.0)
+
+
+def test_only_estimators_without_double_backward_are_compiled() -> None:
+    """REBAR and RELAX (a gradient of a gradient) are never given to torch.compile."""
+    compiled = set()
+    for name in estimators.available():
+        family = "bernoulli" if "bernoulli" in estimators.families(name) else "gaussian"
+        if bt.compiles(bt.make_case(name, {}, family, 4, 2)):
+            compiled.add(name)
+    assert compiled == set(estimators.available()) - {"rebar", "relax"}
+
+
+def test_measure_keeps_the_eager_table_when_the_compile_part_fails(tmp_path, monkeypatch) -> None:
+    """--measure --compile writes overhead_<device>.{json,md} before compiling, so a failure
+    of the compile measurement loses nothing already measured."""
+    from benchmarks import throughput_summary as ts
+
+    report = {
+        "machine": {"device": "cpu", "threads": 1, "date": "d", "versions": {}, "cpu_count": 2,
+                    "loadavg_before": [0.0] * 3, "loadavg_after": [0.0] * 3},
+        "results": [],
+    }  # fmt: skip
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(ts, "measure", lambda *args: report)
+    monkeypatch.setattr(ts, "measure_compile", fail)
+    with pytest.raises(RuntimeError, match="compile failed"):
+        ts.main(["--measure", "--compile", "--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "overhead_cpu.json").read_text()) == report
+    assert (tmp_path / "overhead_cpu.md").read_text().startswith("# Harness overhead on cpu")
+    assert not list(tmp_path.glob(".*"))

@@ -262,6 +262,12 @@ INVALID = [
     (("progress=sometimes",), r"progress='sometimes'.*allowed: auto, true, false"),
     (("eval.splits=[val,holdout]",), r"eval\.splits='holdout'.*allowed: train, val, test"),
     (("data=mnist", "data.root=MISSING_ROOT"), r"data=mnist: .* not found.*gradbench-data"),
+    (
+        ("estimator=rebar", "compile=true"),
+        r"compile=true is invalid for estimator=rebar.*"
+        r"allowed: compile=false; estimators that compile: .*reinforce",
+    ),
+    (("estimator=relax", "compile=true"), r"compile=true is invalid for estimator=relax"),
 ]
 
 
