@@ -141,8 +141,8 @@ class Config:
     checkpoint_every: int = 5000  # checkpoint (and metrics file) every N steps; 0: at the end
     snapshot_every: int = 0  # keep model snapshots every N steps (gradbench-probe); 0: none
     threads: Optional[int] = None  # torch threads; null: leave torch's (or the launcher's) choice
-    compile: bool = False  # torch.compile the loss (estimator + model forward); compiled /
-    # eager step times: python -m benchmarks.throughput_summary --measure --compile
+    compile: bool = False  # torch.compile the loss (estimator + model forward); not for
+    # rebar / relax; compiled / eager step times: results/throughput/overhead_cpu.md
     progress: str = "auto"  # tqdm bar: auto (TTY, not CI, not multirun) | true | false
     supervise: str = "auto"  # train in a child process that a hard crash cannot take down with
     # the job: auto (in --multirun sweeps) | true | false (benchmarks.supervise)
