@@ -733,9 +733,13 @@ def overhead_figure(ov: pd.DataFrame | None, style: EstimatorStyle, out_dir: Pat
             ax.set_yticks(range(len(part)), part["label"])
             ax.set_ylim(-0.6, len(part) - 0.4)
             ax.axvline(1.0, color="0.3", lw=0.7, ls="--")
-            ax.margins(x=0.06)
-            for y, target in part["target"].items():  # each case's own target
-                if target is not None and not pd.isna(target):
+            lo = min(1.0, part["ci_low"].min(), part["ratio"].min())
+            targets = pd.to_numeric(part["target"], errors="coerce")
+            hi = max(part["ci_high"].max(), part["ratio"].max(), targets.max(skipna=True))
+            pad = 0.06 * max(hi - lo, 0.02)
+            ax.set_xlim(lo - pad, hi + pad)
+            for y, target in targets.items():  # each case's own target
+                if pd.notna(target):
                     ax.vlines(target, y - 0.42, y + 0.42, color="0.15", lw=1.1, ls=":")
             ax.xaxis.set_major_locator(MaxNLocator(4, steps=_NICE))
             ax.set_xlabel("harness / hand-written")
