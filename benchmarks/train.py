@@ -27,6 +27,7 @@ its files are intact (``run.json``'s status is written last, as a commit marker)
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -495,8 +496,10 @@ def compiled_estimate_loss() -> Callable[..., tuple[torch.Tensor, estimators.Est
     resumed run continues the same random stream; losses then agree with eager mode up to
     float32 rounding of the fused kernels.
     """
-    import torch._inductor.config as inductor_config
-
+    # Looked up by name: with ``python -m benchmarks.train`` this module is ``__main__``, which
+    # submitit's requeue pickles by value (cloudpickle), and a ``torch._inductor.config``
+    # attribute chain in this function would make it pickle that config module (it cannot).
+    inductor_config = importlib.import_module("torch._inductor.config")
     inductor_config.fallback_random = True
     return torch.compile(estimate_loss)
 

@@ -387,3 +387,21 @@ def test_compiled_run_gives_the_eager_runs_losses(make_config, tmp_path) -> None
     assert len(loss["eager"]) == 3
     assert loss["compiled"] == pytest.approx(loss["eager"], rel=1e-4)
     assert _record(tmp_path / "compiled")["config"]["compile"] is True
+
+
+def test_the_training_app_pickles_by_value_for_submitit_requeue() -> None:
+    """With ``python -m benchmarks.train`` the app lives in ``__main__``, which submitit's
+    requeue checkpoint pickles by value (cloudpickle): every function it reaches must pickle
+    (a ``torch._inductor.config`` attribute chain once made requeue fail: the slow
+    submitit_local test caught it)."""
+    cloudpickle = pytest.importorskip("cloudpickle")
+    import torch._inductor.config  # noqa: F401  (imported in a job once torch.optim warms up)
+
+    from benchmarks import train
+
+    cloudpickle.register_pickle_by_value(train)
+    try:
+        for fn in (train.app, train.run, train.main):
+            assert cloudpickle.loads(cloudpickle.dumps(fn)).__name__ == fn.__name__
+    finally:
+        cloudpickle.unregister_pickle_by_value(train)
