@@ -87,7 +87,9 @@ name, batch = sys.argv[1], int(sys.argv[2])
 step = harness_step(build(make_case(name, {}, "bernoulli", batch, 1, "linear", "cpu", 1)))
 for _ in range(5):
     step()
-n = max(3, round(0.3 / (lambda t: (step(), time.perf_counter() - t)[1])(time.perf_counter())))
+start = time.perf_counter()
+step()
+n = max(3, round(0.3 / (time.perf_counter() - start)))  # steps per block of about 0.3 s
 times = []
 for _ in range(7):
     t = time.perf_counter()
@@ -115,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="processes per setting and case")
     parser.add_argument("--out", default=None, help="also write the table (Markdown) here")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats} is invalid; allowed: an integer >= 1")
     lines = [
         "# Harness step time: glibc malloc defaults vs freed memory retained",
         "",

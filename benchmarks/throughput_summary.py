@@ -404,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compile", action="store_true", help="with --measure: also torch.compile / eager"
     )
     args = parser.parse_args(argv)
+    if args.blocks < 3:
+        parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3 (15+ advised)")
+    if not args.block_seconds > 0:
+        parser.error(f"--block-seconds={args.block_seconds} is invalid; allowed: a number > 0")
     if not args.measure and not args.json:
         parser.error("give pytest-benchmark JSON files, or --measure")
     for path in args.json:
@@ -425,9 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def write_overhead(stem: Path, report: dict[str, Any]) -> None:
     """``report`` as ``<stem>.json`` and its table as ``<stem>.md``, each replaced atomically."""
-    from benchmarks.records import atomic_write_bytes
+    from benchmarks.records import atomic_write_bytes, write_json
 
-    atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
+    write_json(stem.with_suffix(".json"), report)
     atomic_write_bytes(stem.with_suffix(".md"), overhead_markdown(report).encode())
 
 

@@ -86,3 +86,11 @@ def test_measurement_writes_a_table_of_both_settings(tmp_path: Path) -> None:
     for row in rows:
         system, retained, ratio = (float(c) for c in row.strip("|").split("|")[2:])
         assert system > 0 and retained > 0 and ratio == pytest.approx(retained / system, 1e-2)
+
+
+def test_measurement_refuses_zero_repeats(capsys) -> None:
+    """--repeats 0: exit 2 naming the option and the allowed values, before any timing."""
+    with pytest.raises(SystemExit) as exit_info:
+        allocator.main(["--repeats", "0"])
+    assert exit_info.value.code == 2
+    assert "--repeats=0 is invalid; allowed: an integer >= 1" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor 
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
-def _gradsclose(grads: list, hand_grads: list, rtol: float = 1e-4) -> None:
+def _grads_close(grads: list, hand_grads: list, rtol: float = 1e-4) -> None:
     for i, (g, h) in enumerate(zip(grads, hand_grads, strict=True)):
         assert (g is None) == (h is None), f"parameter {i}: used by only one of the two"
         assert g is None or close(g, h, rtol=rtol), f"parameter {i}: gradients differ"
@@ -87,7 +88,7 @@ def test_handwritten_loss_and_gradients_equal_harness(case: bt.Case) -> None:
     hand_loss = hand.loss(setup.x)
     hand_grads = _grads(hand_loss, [*hand.params, *hand.est_params])
     assert close(loss.detach(), hand_loss.detach())
-    _gradsclose(grads, hand_grads)
+    _grads_close(grads, hand_grads)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +143,7 @@ def test_nvil_state_matches_harness(normalize: bool) -> None:
     hand_loss = hand.loss(setup.x)
     hand_grads = _grads(hand_loss, [*hand.params, *hand.est_params])
     assert close(loss.detach(), hand_loss.detach())
-    _gradsclose(grads, hand_grads)
+    _grads_close(grads, hand_grads)
 
 
 def test_handwritten_refuses_what_it_does_not_implement() -> None:
@@ -314,3 +315,21 @@ def test_measure_keeps_the_eager_table_when_the_compile_part_fails(tmp_path, mon
     assert json.loads((tmp_path / "overhead_cpu.json").read_text()) == report
     assert (tmp_path / "overhead_cpu.md").read_text().startswith("# Harness overhead on cpu")
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--blocks", "0"], r"--blocks=0 is invalid; allowed: an integer >= 3"),
+     (["--block-seconds", "0"], r"--block-seconds=0.0 is invalid; allowed: a number > 0")],
+)  # fmt: skip
+def test_measure_options_out_of_range_are_refused_before_any_work(
+    args: list[str], message: str, tmp_path, capsys
+) -> None:
+    """Exit 2 naming the option, its value and the allowed values; nothing written."""
+    from benchmarks import throughput_summary as ts
+
+    with pytest.raises(SystemExit) as exit_info:
+        ts.main(["--measure", "--out-dir", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
