@@ -20,7 +20,8 @@ Hand-written estimators (:data:`SUPPORTED`), each vectorized over the ``S`` samp
   ``rloo`` (Kool et al. 2019), any family;
 - ``nvil`` (Mnih & Gregor 2014): REINFORCE with a one-tanh-layer baseline network of ``x``
   (its weights are ``estimator_params``, trained by the squared centered signal) and
-  bias-corrected running mean and variance of ``f - b(x)`` kept here; any family;
+  bias-corrected running mean and variance of ``f - b(x)`` kept here (``normalize``: the
+  whole gradient divided by ``max(1, sqrt(v))``); any family;
 - ``vimco`` (Mnih & Rezende 2016): the ``S``-sample bound ``log mean_s exp f_s`` with
   leave-one-out signals (``f_s`` replaced by the mean of the others), any family;
 - ``gumbel_softmax`` (relaxed or straight-through; like the harness, the relaxed version also
@@ -291,7 +292,10 @@ class HandwrittenStep:
             if name == "rloo":
                 signal = fd - (fd.sum(0) - fd) / (S - 1)
             elif name == "nvil":
-                signal, aux_loss = self.nvil_signal(x, fd)
+                signal, aux_loss, scale = self.nvil_signal(x, fd)
+                # normalize: the whole gradient (f's and the score term) divided by the scale.
+                f = fd + (f - fd) / scale
+                signal = signal / scale
             elif self.baseline == "moving_average":
                 correction = 1 - self.decay**self.count
                 baseline = self.average / correction if self.count else 0.0
@@ -358,9 +362,10 @@ class HandwrittenStep:
         loss = -surrogate.sum() / B
         return loss if aux_loss is None else loss + aux_loss
 
-    def nvil_signal(self, x: Tensor, fd: Tensor) -> tuple[Tensor, Tensor]:
-        """NVIL's learning signal ``(f - b(x) - c) / max(1, sqrt(v))`` (``[S, B]``) and the
-        baseline's loss ``mean (f - c - b(x))^2``; then updates the running ``c`` and ``v``.
+    def nvil_signal(self, x: Tensor, fd: Tensor) -> tuple[Tensor, Tensor, Tensor | float]:
+        """NVIL's learning signal ``f - b(x) - c`` (``[S, B]``), the baseline's loss
+        ``mean (f - c - b(x))^2`` and the scale ``max(1, sqrt(v))`` that divides the whole
+        gradient with ``normalize`` (else 1); then updates the running ``c`` and ``v``.
 
         ``c`` and ``v`` are bias-corrected running averages of the mean and variance of
         ``f - b(x)`` over earlier steps (``0`` and ``1`` before the first step); ``v`` is kept
@@ -368,12 +373,13 @@ class HandwrittenStep:
         w1, b1, w2, b2 = self.est_params[1:]
         b = F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2).squeeze(-1)  # [B]
         residual = fd - b.detach()  # [S, B]
+        scale: Tensor | float = 1.0
         if self.count:
             correction = 1 - self.decay**self.count
             center, var = self.average / correction, self.variance / correction
             signal = residual - center
             if self.normalize:
-                signal = signal / var.sqrt().clamp_min(1.0)
+                scale = var.sqrt().clamp_min(1.0)
         else:
             center, signal = 0.0, residual
         aux_loss = (fd - center - b).pow(2).mean()
@@ -385,7 +391,7 @@ class HandwrittenStep:
                 mean = residual.mean()
             self.average.mul_(self.decay).add_(mean, alpha=1 - self.decay)
         self.count += 1
-        return signal, aux_loss
+        return signal, aux_loss, scale
 
     def gumbel_rao(self, h: Tensor) -> Tensor:
         """Gumbel-Rao's straight-through sample ``[S, B, L(, C)]``: the value is the hard

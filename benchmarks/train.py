@@ -599,7 +599,9 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
         model = build_model(cfg, data).to(device)
-        estimator.to(device).train()
+        # Rebuilt after seeding: the estimator validated above initialized its networks (NVIL's
+        # baseline, RELAX's control variate) from whatever the RNG state was then.
+        estimator = build_estimator(est_cfg).to(device).train()
         materialize_lazy(
             estimator, model, data.train[: cfg.optim.batch_size].to(device), cfg.model.kl
         )

@@ -44,6 +44,14 @@ class LatentPosterior(Independent):
     """``Independent`` whose ``log_prob`` remembers its last input and result (and which
     sums its one reinterpreted dimension directly).
 
+    For one-hot categorical variables ``log_prob`` is the continuous extension
+    ``log q(z) = sum_l sum_c z_lc log pi_lc``: on one-hot ``z`` it equals torch's
+    ``OneHotCategorical.log_prob``, and on relaxed ``z`` (points of the simplex, as REBAR,
+    RELAX and the Gumbel relaxations pass to ``f``) it is linear in ``z`` where torch's gives
+    ``log pi[argmax z]``, piecewise constant, whose jumps bias REBAR / RELAX's control variate
+    and leave the relaxed estimators without the entropy's gradient under ``model.kl=sampled``.
+    Bernoulli needs nothing: torch's ``z log p + (1 - z) log(1 - p)`` is already continuous.
+
     With the sampled KL, the learning signal ``f(z) = log p(x|z) + log p(z) - log q(z|x)``
     and a score-function estimator both ask for ``log q(z|x)`` of the same samples ``z``;
     the second call returns the first's tensor (same autograd graph) instead of recomputing
@@ -57,10 +65,16 @@ class LatentPosterior(Independent):
         last, grad = self._last, torch.is_grad_enabled()
         if last is not None and last[0] is value and last[1] == value._version and last[2] == grad:
             return last[3]
-        # One reinterpreted dim (as built by VAE.distribution): a plain sum over it, without
-        # Independent's reshape (one op and one autograd node less per call).
-        if self.reinterpreted_batch_ndims == 1:
-            out = self.base_dist.log_prob(value).sum(-1)
+        base = self.base_dist
+        if isinstance(base, OneHotCategorical):
+            # The continuous extension; base.logits are normalized (log pi), finite for an
+            # encoder's finite outputs. Summed over the category and reinterpreted dims.
+            dims = tuple(range(-1 - self.reinterpreted_batch_ndims, 0))
+            out = (value * base.logits).sum(dims)
+        elif self.reinterpreted_batch_ndims == 1:
+            # One reinterpreted dim (as built by VAE.distribution): a plain sum over it,
+            # without Independent's reshape (one op and one autograd node less per call).
+            out = base.log_prob(value).sum(-1)
         else:
             out = super().log_prob(value)
         self._last = (value, value._version, grad, out)
@@ -165,6 +179,8 @@ class VAE(nn.Module):
 
         The discrete priors are uniform, so ``log p(z) = -L log K`` for every ``z`` (also what
         torch's ``log_prob`` gives for relaxed samples); it is filled in rather than computed.
+        On relaxed samples this is also the continuous extension used for ``log q``
+        (``sum z log(1/K)`` over each variable's simplex, ``z log 1/2 + (1 - z) log 1/2``).
         """
         if self.family == "gaussian":
             return self.prior().log_prob(z)

@@ -62,7 +62,8 @@ class Estimator(Protocol):
 
     name: str
     families: frozenset[str]
-    unbiased: bool
+    unbiased: bool  # the mean estimate is the objective's gradient
+    unbiased_for: str  # "gradient", "direction" (a positive multiple of it) or "none"
 
     def __call__(
         self,
@@ -130,8 +131,12 @@ class EstimatorBase(nn.Module):
     name: ClassVar[str] = ""
     families: ClassVar[frozenset[str]] = frozenset()
     min_samples: ClassVar[int] = 1
-    #: Whether the gradient estimate is unbiased for ``grad E_q[f]`` (tests hold it to that).
-    unbiased: ClassVar[bool] = True
+    #: What the mean of the gradient estimate equals (tests hold it to that): ``"gradient"``,
+    #: the gradient of the objective (``grad E_q[f]``, or of the multi-sample bound when
+    #: ``objective_kind`` is ``"iwae"``); ``"direction"``, that gradient times a positive
+    #: scalar (NVIL's variance normalization divides the whole estimate by a running scale);
+    #: ``"none"``, neither (biased, e.g. the continuous relaxations).
+    unbiased_for: str = "gradient"
     #: What ``Estimate.objective`` estimates: ``mean`` (``E_q[f]``) or ``iwae`` (the
     #: multi-sample bound ``E log mean_s exp f(z_s)``, for ``f`` returning log weights).
     objective_kind: ClassVar[str] = "mean"
@@ -148,6 +153,12 @@ class EstimatorBase(nn.Module):
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()
         self.num_samples = check_num_samples(self.name, num_samples, self.min_samples)
+
+    @property
+    def unbiased(self) -> bool:
+        """Whether the mean estimate is the objective's gradient (``unbiased_for`` is
+        ``"gradient"``)."""
+        return self.unbiased_for == "gradient"
 
     def forward(
         self,

@@ -6,7 +6,8 @@ For a factorized Bernoulli or one-hot categorical ``q`` (optionally in ``Indepen
 
 summed over every latent configuration ``c`` of one example; differentiating this sum gives
 the exact gradient with respect to the parameters of ``q`` and of ``f``. This is the ground
-truth that tests and the variance probe compare estimators against.
+truth that tests and the variance probe compare estimators against. For the multi-sample
+(IWAE) bound that VIMCO's estimates target, :func:`iwae_bound` sums over ``S``-tuples.
 """
 
 from __future__ import annotations
@@ -86,6 +87,39 @@ def expectation(
     return total
 
 
+def iwae_bound(
+    dist: Distribution, f: Objective, num_samples: int, max_configs: int = MAX_CONFIGS
+) -> Tensor:
+    r"""Exact ``S``-sample bound ``E[log (1/S) sum_s exp f(z_s)]``, ``z_1..z_S`` iid ``q``.
+
+    .. math:: \mathcal L_S = \sum_{c_1,\dots,c_S} \prod_s q(c_s)\,
+        \log\frac1S\sum_s e^{f(c_s)},
+
+    summed over all ``C^S`` tuples of configurations (``f`` is evaluated once per
+    configuration); shape ``batch_shape``, differentiable in ``q``'s and ``f``'s parameters.
+    With ``f`` the log weights ``log p(x, z) - log q(z|x)`` this is the IWAE bound; for
+    ``S = 1`` it is :func:`expectation`. Raises ``ValueError`` when ``C^S`` exceeds
+    ``max_configs``.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} is invalid; allowed: an integer >= 1")
+    n = num_configurations(dist)
+    if n**num_samples > max_configs:
+        raise ValueError(
+            f"the exact {num_samples}-sample bound needs {n}^{num_samples} tuples of "
+            f"configurations per example, above max_configs={max_configs}; use a smaller "
+            "latent space, fewer samples or raise max_configs"
+        )
+    z = configurations(dist, max_configs)  # [C, *B, *E]
+    log_q, fz = dist.log_prob(z), f(z)  # [C, *B] each
+    device = log_q.device
+    index = torch.arange(n, device=device)
+    tuples = torch.cartesian_prod(*[index] * num_samples).reshape(-1, num_samples)  # [C^S, S]
+    log_weight = log_q[tuples].sum(1)  # [C^S, *B]: log prod_s q(c_s)
+    bound = torch.logsumexp(fz[tuples], 1) - math.log(num_samples)  # [C^S, *B]
+    return (log_weight.exp() * bound).sum(0)
+
+
 def gradient(
     dist: Distribution,
     f: Objective,
@@ -96,7 +130,22 @@ def gradient(
 
     Parameters that the expectation does not depend on get zero gradients.
     """
-    value = expectation(dist, f, max_configs).sum()
+    return _value_and_grads(expectation(dist, f, max_configs).sum(), params)
+
+
+def iwae_gradient(
+    dist: Distribution,
+    f: Objective,
+    num_samples: int,
+    params: list[Tensor],
+    max_configs: int = MAX_CONFIGS,
+) -> tuple[Tensor, list[Tensor]]:
+    """Exact ``sum_b`` of the ``S``-sample bound (:func:`iwae_bound`, detached) and its
+    gradients with respect to ``params`` (zeros for parameters it does not depend on)."""
+    return _value_and_grads(iwae_bound(dist, f, num_samples, max_configs).sum(), params)
+
+
+def _value_and_grads(value: Tensor, params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     grads = torch.autograd.grad(value, params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
     return value.detach(), grads

@@ -52,7 +52,7 @@ class NVIL(EstimatorBase):
     r"""Neural variational inference and learning: REINFORCE with a learned input baseline.
 
     .. math::
-        \hat g = \frac1S\sum_s\Big[\nabla f(z_s) + \frac{f(z_s) - b_\psi(x) - c}{s}
+        \hat g = \frac1{S\,s}\sum_s\Big[\nabla f(z_s) + \big(f(z_s) - b_\psi(x) - c\big)
         \nabla_\theta\log q_\theta(z_s)\Big]
 
     with ``b_psi`` an MLP (one tanh hidden layer) of the ``context`` ``x`` (the encoder input;
@@ -62,16 +62,20 @@ class NVIL(EstimatorBase):
     training mode only) and ``b_psi`` never sees ``z``, so nothing depends on the current
     samples. ``psi`` is trained by ``aux_loss = mean (f - c - b_psi(x))^2`` only.
 
-    Requirements: any family; ``f`` need not be differentiable in ``z``. Unbiased without
-    ``normalize``; with it, ``q``'s gradient is scaled by ``1/s`` (the paper's variance
-    normalization, a per-step learning-rate change) and ``f``'s stays unbiased.
+    Requirements: any family; ``f`` need not be differentiable in ``z``. Without
+    ``normalize``, unbiased for ``grad E_q[f]``. With it, the whole estimate is divided by
+    ``s``: its mean is ``grad E_q[f] / s`` for every parameter, ``q``'s and ``f``'s, including
+    any dependence of ``f`` on ``q``'s parameters (an analytic KL term), so it is unbiased for
+    the gradient's *direction* only (``unbiased_for = "direction"``), a per-call learning-rate
+    change. (The paper divides only the learning signal of the inference network; when ``f``
+    itself depends on ``q``'s parameters that would change the mean gradient's direction.)
 
     Args:
       hidden: width of the baseline network's hidden layer (>= 1).
       context_dim: features per example of ``context``; ``None`` infers it on the first call
         with a context (``nn.LazyLinear``).
       decay: decay of the moving averages ``c`` and ``v``, in [0, 1).
-      normalize: divide the centered signal by ``max(1, sqrt(v))``.
+      normalize: divide the whole estimate by ``s = max(1, sqrt(v))``.
       num_samples: default ``S`` (>= 1).
 
     Returns:
@@ -102,6 +106,7 @@ class NVIL(EstimatorBase):
         context_dim = positive_int(self.name, "context_dim", context_dim, allow_none=True)
         self.decay = unit_interval(self.name, "decay", decay)
         self.normalize = boolean(self.name, "normalize", normalize)
+        self.unbiased_for = "direction" if self.normalize else "gradient"
         first = nn.LazyLinear(hidden) if context_dim is None else nn.Linear(context_dim, hidden)
         self.net = nn.Sequential(first, nn.Tanh(), nn.Linear(hidden, 1))
         skip_uninitialized(self)
@@ -142,8 +147,13 @@ class NVIL(EstimatorBase):
         signal = residual - center
         if self.normalize:  # the variance is kept (and used) only when normalizing
             var = torch.where(self.count > 0, self.var / correction, 1.0).to(fd.dtype)
-            signal = signal / var.sqrt().clamp_min(1.0)
-        surrogate = score_surrogate(fz, log_q, signal).mean(0)
+            # Divide the whole gradient (value unchanged), not only the score term: f's own
+            # gradient may reach q's parameters too (an analytic KL), and scaling only part of
+            # the gradient would change its direction.
+            scaled = score_surrogate(fz - fd, log_q, signal) / var.sqrt().clamp_min(1.0)
+            surrogate = (fd + scaled).mean(0)
+        else:
+            surrogate = score_surrogate(fz, log_q, signal).mean(0)
         aux_loss = (fd - center - b).pow(2).mean()  # reaches psi only
         if self.training:
             with torch.no_grad():

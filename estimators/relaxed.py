@@ -77,7 +77,7 @@ class GumbelSoftmax(EstimatorBase):
 
     name = "gumbel_softmax"
     families = frozenset({"bernoulli", "categorical"})
-    unbiased = False
+    unbiased_for = "none"
 
     def __init__(
         self, temperature: float = 1.0, straight_through: bool = False, num_samples: int = 1
@@ -229,7 +229,7 @@ class StraightThrough(EstimatorBase):
 
     name = "straight_through"
     families = frozenset({"bernoulli", "categorical"})
-    unbiased = False
+    unbiased_for = "none"
 
     def estimate(
         self,
@@ -278,7 +278,7 @@ class GumbelRao(EstimatorBase):
 
     name = "gumbel_rao"
     families = frozenset({"bernoulli", "categorical"})
-    unbiased = False
+    unbiased_for = "none"
 
     def __init__(
         self, temperature: float = 1.0, num_rao_samples: int = 10, num_samples: int = 1

@@ -89,6 +89,22 @@ def test_log_prior_equals_torch_log_prob_for_hard_and_relaxed_samples(family: st
         torch.testing.assert_close(vae.log_prior(relaxed), vae.prior().log_prob(relaxed))
 
 
+def test_categorical_log_q_is_torchs_on_one_hot_and_linear_in_relaxed_samples() -> None:
+    """q.log_prob equals torch's OneHotCategorical log_prob on one-hot samples and is the
+    continuous extension sum z log pi on relaxed ones (so its gradient in z is log pi, where
+    torch's log pi[argmax z] has none)."""
+    vae = _tiny("categorical")
+    q = vae.encode(_binary(5, 12))
+    hard = q.sample((3,))
+    torch.testing.assert_close(q.log_prob(hard), Independent(q.base_dist, 1).log_prob(hard))
+    relaxed = F.softmax(torch.randn(3, 5, 4, 3), dim=-1).requires_grad_()
+    log_pi = torch.log_softmax(q.base_dist.logits, -1)  # [5, 4, 3]
+    value = q.log_prob(relaxed)
+    torch.testing.assert_close(value, (relaxed * log_pi).sum((-2, -1)))
+    (grad,) = torch.autograd.grad(value.sum(), relaxed)
+    torch.testing.assert_close(grad, log_pi.detach().expand_as(grad))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_analytic_kl_equals_torch_kl_divergence(family: str) -> None:
     """VAE.kl equals kl_divergence(q, p) (the discrete families use L log K - H(q))."""

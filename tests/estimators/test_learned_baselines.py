@@ -61,10 +61,11 @@ def test_nvil_mean_gradient_equals_exact_gradient(family: str, with_context: int
     assert max(worst.values()) <= z, f"standardized errors {worst} exceed z={z:.2f}"
 
 
-def test_nvil_normalize_scales_only_q_gradient() -> None:
-    """With normalize, q's expected gradient is exact / s with s = max(1, sqrt(v)) from the
-    running variance v, and f's stays exact (f scaled by 10 so that s > 1); R = 20000,
-    Bonferroni over all coordinates, false-failure rate 1e-3."""
+def test_nvil_normalize_divides_every_gradient_by_the_running_scale() -> None:
+    """With normalize, the expected gradient of q's and of f's parameters is exact / s with
+    s = max(1, sqrt(v)) from the running variance v (f scaled by 10 so that s > 1), and the
+    estimator declares unbiased_for="direction"; R = 20000, Bonferroni over all coordinates,
+    false-failure rate 1e-3."""
     torch.manual_seed(4)
     est = estimators.get("nvil", normalize=True, decay=0.5)
     small = make_problem("bernoulli", 64, seed=1)
@@ -75,9 +76,8 @@ def test_nvil_normalize_scales_only_q_gradient() -> None:
     assert scale > 1.5
     problem = make_problem("bernoulli", REPLICATES, seed=1)
     est.eval()(problem.dist, lambda z: 10 * problem.f(z)).surrogate.sum().backward()
-    problem.exact = {
-        k: 10 * g / (scale if k == "logits" else 1.0) for k, g in problem.exact.items()
-    }
+    assert est.unbiased_for == "direction" and not est.unbiased
+    problem.exact = {k: 10 * g / scale for k, g in problem.exact.items()}
     errors = standardized_errors(problem)
     z = z_critical(ALPHA, sum(e.numel() for e in errors.values()))
     assert max(float(e.abs().max()) for e in errors.values()) <= z
