@@ -159,10 +159,29 @@ def footnotes(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+def md_cell(value: object) -> str:
+    """``value`` as the text of one Markdown table cell: a ``|`` would end the cell and a line
+    break the row, so pipes are escaped and line breaks become spaces."""
+    text = str(value).replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    return text.replace("|", "\\|")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a GitHub Markdown table (every cell and header through :func:`md_cell`);
+    ``(none)`` when it has no rows. Every Markdown table of a report is written here."""
+    if frame.empty:
+        return "(none)\n"
+    cells = frame.astype(object).map(md_cell)
+    cells.columns = [md_cell(c) for c in frame.columns]
+    return cells.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
 def _markdown(frame: pd.DataFrame, note: str, excluded: list[str]) -> str:
-    text = frame.to_markdown(index=False, disable_numparse=True) + "\n\n" + note + "\n"
+    text = markdown_table(frame) + "\n" + note + "\n"
     if excluded:
-        text += "\n† Not included (not completed):\n\n" + "".join(f"- {x}\n" for x in excluded)
+        text += "\n† Not included (not completed):\n\n" + "".join(
+            f"- {md_cell(x)}\n" for x in excluded
+        )
     return text
 
 
