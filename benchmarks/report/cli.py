@@ -163,8 +163,9 @@ def write_report_md(
         lines.append(markdown_table(table.fillna(NA).astype(str)))
     lines.append("\n## Figures\n")
     lines.append(
-        "Each estimator keeps one colour and marker in every figure (mapping: "
-        "[figures/palette.json](figures/palette.json)).\n"
+        "Each estimator keeps one colour and marker in every figure; groups of one estimator "
+        "label with different settings share its colour, each with a marker of its own "
+        "(mapping: [figures/palette.json](figures/palette.json)).\n"
     )
     for fig in figures:
         if fig.skipped:

@@ -33,10 +33,10 @@ SUBSERIES_COLUMNS = ("stat", "param")
 _RUN_JSON_KEYS = ("run_id", "status", "reason", "device", "git_commit", "git_dirty",
                   "start_time", "end_time", "last_step", "config", *IDENTITY_COLUMNS)  # fmt: skip
 #: Resolved-config keys that say how or where a run was executed, not what it measures: runs
-#: whose configs differ only in these (and in ``seed``) are seeds of one group. A key here
+#: whose configs differ only in these and in ``seed`` are seeds of one group. A key here
 #: also covers every key below it (``debug`` covers ``debug.fail_at_step``).
 INFRASTRUCTURE_KEYS = (
-    "seed", "device", "threads", "compile", "progress", "supervise", "log_every",
+    "device", "threads", "compile", "progress", "supervise", "log_every",
     "checkpoint_every", "snapshot_every", "data.root", "optim.fused", "eval.chunk",
     "eval.batch_size", "probe.chunk", "debug", "hydra",
 )  # fmt: skip
@@ -412,7 +412,7 @@ def load_records(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFram
 
 def is_infrastructure_key(key: str) -> bool:
     """Whether the dotted config ``key`` is in (or below) :data:`INFRASTRUCTURE_KEYS`."""
-    return any(key == k or key.startswith(k + ".") for k in INFRASTRUCTURE_KEYS)
+    return key == "seed" or any(key == k or key.startswith(k + ".") for k in INFRASTRUCTURE_KEYS)
 
 
 def experiment_config(config: Any) -> dict[str, Any] | None:
@@ -471,7 +471,8 @@ def assign_groups(metrics: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFra
     runs["estimator_label"] = labels
     runs["duplicate_of"] = None
     done = runs[(runs["status"] == "completed") & runs["group"].notna() & runs["seed"].notna()]
-    for _, block in done.sort_values("run_id").groupby(["group", "seed"], sort=False):
+    same = [*facet, "group", "seed"]  # the label too: a record may set it outside the config
+    for _, block in done.sort_values("run_id").groupby(same, dropna=False, sort=False):
         runs.loc[block.index[1:], "duplicate_of"] = block["run_id"].iloc[0]
     if metrics.empty:
         return metrics, runs
