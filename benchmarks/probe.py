@@ -241,6 +241,22 @@ def exact_reference(
     return Reference(flat, torch.zeros_like(flat), "exact")
 
 
+def reference_method(
+    model: nn.Module, x: Tensor, method: str = "auto", max_configs: int = AUTO_EXACT_CONFIGS
+) -> str:
+    """What ``method`` means for ``model``: ``auto`` becomes ``exact`` when the latent space has
+    at most ``max_configs`` configurations per example, else ``rloo`` for discrete and
+    ``reparam`` for Gaussian latents; any other method is returned as it is."""
+    if method != "auto":
+        return method
+    family = getattr(model, "family", None)
+    enumerable = (
+        family in ("bernoulli", "categorical")
+        and num_configurations(model.distribution(model.encoder(x[:1]))) <= max_configs
+    )
+    return "exact" if enumerable else ("reparam" if family == "gaussian" else "rloo")
+
+
 def reference_gradient(
     model: nn.Module,
     x: Tensor,
@@ -257,13 +273,7 @@ def reference_gradient(
     ``num_estimates`` estimates with ``num_samples`` samples each), or ``auto`` (exact when
     the latent space has at most ``max_configs`` configurations per example, else ``rloo``
     for discrete and ``reparam`` for Gaussian latents)."""
-    family = getattr(model, "family", None)
-    if method == "auto":
-        enumerable = (
-            family in ("bernoulli", "categorical")
-            and num_configurations(model.distribution(model.encoder(x[:1]))) <= max_configs
-        )
-        method = "exact" if enumerable else ("reparam" if family == "gaussian" else "rloo")
+    method = reference_method(model, x, method, max_configs)
     if method == "exact":
         return exact_reference(model, x, kl, max(max_configs, MAX_CONFIGS))
     est = estimators.get(method, num_samples=num_samples)
@@ -511,6 +521,74 @@ def parse_estimator_spec(spec: str) -> dict:
     return entry
 
 
+#: The values ``--reference`` takes besides a registry name.
+REFERENCE_KINDS = ("auto", "exact", "none")
+
+
+def check_arguments(
+    *,
+    num_estimates: int,
+    reference: str,
+    reference_samples: int,
+    reference_estimates: int,
+    groups: int,
+    chunk: int,
+    device: str,
+) -> torch.device:
+    """Check the options of ``gradbench-probe`` before any work; return the device.
+
+    Raises ``ValueError`` naming the option (as spelt on the command line) and the allowed
+    values.
+    """
+
+    def require(ok: bool, option: str, value: object, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{option}={value} is invalid; allowed: {allowed}")
+
+    require(groups >= 2, "--groups", groups, "an integer >= 2 (jackknife groups)")
+    require(
+        num_estimates >= 2 * groups, "--num-estimates", num_estimates,
+        f"an integer >= 2 * --groups = {2 * groups}",
+    )  # fmt: skip
+    require(chunk >= 1, "--chunk", chunk, "an integer >= 1")
+    refs = (*REFERENCE_KINDS, *estimators.available())
+    require(reference in refs, "--reference", reference, ", ".join(refs))
+    if reference not in ("exact", "none"):  # a Monte Carlo reference may be used
+        require(reference_samples >= 1, "--reference-samples", reference_samples, ">= 1")
+        require(
+            reference_estimates >= 2 * groups, "--reference-estimates", reference_estimates,
+            f"an integer >= 2 * --groups = {2 * groups}",
+        )  # fmt: skip
+    if reference not in REFERENCE_KINDS:
+        check_reference_samples(reference, reference_samples)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device={device} is invalid; allowed: cpu, cuda, cuda:N") from err
+    if torch_device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device={device}: CUDA is not available here; allowed: cpu")
+        if torch_device.index is not None and torch_device.index >= count:
+            allowed = ", ".join(["cpu", "cuda", *(f"cuda:{i}" for i in range(count))])
+            raise ValueError(f"--device={device}: no such GPU; allowed: {allowed}")
+    elif torch_device.type != "cpu":
+        raise ValueError(f"--device={device} is invalid; allowed: cpu, cuda, cuda:N")
+    return torch_device
+
+
+def check_reference_samples(method: str, reference_samples: int) -> None:
+    """``ValueError`` naming ``--reference-samples`` when the ``method`` reference estimator
+    does not accept that many samples (e.g. rloo needs at least 2)."""
+    try:
+        estimators.get(method, num_samples=reference_samples)
+    except ValueError as err:
+        raise ValueError(
+            f"--reference-samples={reference_samples} is invalid for the {method} reference "
+            f"gradient: {err}"
+        ) from err
+
+
 def probe_trajectory(
     run_dir: Path,
     specs: Sequence[str],
@@ -534,6 +612,10 @@ def probe_trajectory(
     from benchmarks.records import COLUMNS, RunRecord
     from benchmarks.train import SNAPSHOTS, build_model, estimator_label, load_data
 
+    torch_device = check_arguments(
+        num_estimates=num_estimates, reference=reference, reference_samples=reference_samples,
+        reference_estimates=reference_estimates, groups=groups, chunk=chunk, device=device,
+    )  # fmt: skip
     record = RunRecord.load(run_dir / "run.json")
     if record is None or "config" not in record.data:
         raise FileNotFoundError(f"{run_dir / 'run.json'} not found or has no config")
@@ -543,18 +625,32 @@ def probe_trajectory(
         raise FileNotFoundError(
             f"no model snapshots in {run_dir / SNAPSHOTS}; train with snapshot_every=N"
         )
-    torch_device = torch.device(device)
-    data = load_data(cfg)
-    model = build_model(cfg, data).to(torch_device)
     family = cfg.model.family
     basket = []
     for i, spec in enumerate(specs):
         entry = parse_estimator_spec(spec)
         if entry["name"] in estimators.available():
             entry = {**estimators.options(entry["name"]), **entry}
-        est = build_estimator(entry, family, f"--estimators[{i}]").to(torch_device)
+        est = build_estimator(entry, family, f"--estimators[{i}]")
         basket.append((entry.get("label") or estimator_label(entry, None), est))
+    data = load_data(cfg)
+    model = build_model(cfg, data).to(torch_device)
+    basket = [(label, est.to(torch_device)) for label, est in basket]
     batch = eval_binarized_probe_batch(cfg, data).to(torch_device)
+    if reference == "auto":  # which Monte Carlo reference, if any, depends on the model
+        method = reference_method(model, batch[:1])
+        if method != "exact":
+            check_reference_samples(method, reference_samples)
+    if reference == "exact":
+        with torch.no_grad():
+            q = model.distribution(model.encoder(batch[:1]))
+        n = num_configurations(q) if family in ("bernoulli", "categorical") else None
+        if n is None or n > MAX_CONFIGS:
+            size = "continuous" if n is None else f"more than {MAX_CONFIGS} configurations"
+            raise ValueError(
+                f"--reference=exact cannot enumerate this run's latent space ({family}, "
+                f"{size}); allowed here: auto, none or a registry name"
+            )
     runner = ProbeRunner(
         basket[1:], batch, num_estimates=num_estimates, groups=groups, chunk=chunk,
         reference=reference, reference_samples=reference_samples,
@@ -668,11 +764,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"gradbench-probe: error: {err}", file=sys.stderr)
         return 2
-    out = args.out or args.run_dir / TRAJECTORY_FILE
+    # The output is replaced only by a complete result: the ranking is built (and the rows
+    # serialized) before the file is written, atomically.
+    ranking = ranking_table(df).to_markdown(index=False)
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    atomic_write_bytes(out, buf.getvalue())
-    print(ranking_table(df).to_markdown(index=False))
+    out = args.out or args.run_dir / TRAJECTORY_FILE
+    try:
+        atomic_write_bytes(out, buf.getvalue())
+    except OSError as err:
+        print(f"gradbench-probe: error: --out {out}: {err}", file=sys.stderr)
+        return 1
+    print(ranking)
     print(f"\n{len(df)} rows written to {out}")
     return 0
 
