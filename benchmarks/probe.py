@@ -517,7 +517,13 @@ def parse_estimator_spec(spec: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--estimators entry {spec!r}: expected key=value, got {item!r}")
-        entry[key] = yaml.safe_load(value)
+        try:
+            entry[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            why = getattr(err, "problem", None) or err
+            raise ValueError(
+                f"--estimators entry {spec!r}: {item!r} is not a YAML value ({why})"
+            ) from err
     return entry
 
 
