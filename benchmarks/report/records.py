@@ -378,8 +378,12 @@ def load_records(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFram
       ``probe_estimator`` and ``probe_label`` (the probed estimator's label on probe rows, the
       run's own label when the record leaves it empty; ``""`` elsewhere); unknown columns are
       kept. ``runs`` has one row per run, present or expected: ``status`` (``completed``,
-      ``running``, ``diverged``, ``failed``, ``timeout`` or ``missing``), ``reason``,
-      identity, provenance (device, git commit, ``version_*``, times, overrides, config).
+      ``running``, ``diverged``, ``failed``, ``timeout`` or ``missing``; an unreadable
+      ``run.json`` is ``missing`` with the reason), ``reason``, identity, provenance (device,
+      git commit, ``version_*``, times, overrides, config) and the grouping of
+      :func:`assign_groups` (``group``, ``base_label``, ``duplicate_of``; ``estimator_label``
+      tells apart groups that share a label, and metric rows of a duplicate seed have
+      ``status`` ``duplicate``).
     """
     jobs, _ = discover(paths)
     rows: list[dict[str, Any]] = []

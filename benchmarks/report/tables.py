@@ -1,7 +1,9 @@
 """Summary tables (Markdown and LaTeX booktabs) built from ``records.final_values``.
 
 A cell is ``mean ± std (n)`` over the completed seeds of one (family, model, dataset,
-estimator_label); the best mean of each column within a (family, model, dataset) group is bold.
+estimator_label), where ``estimator_label`` names one group of runs with the same resolved
+config except seed and infrastructure keys (``records.assign_groups``; each seed counted once);
+the best mean of each column within a (family, model, dataset) group is bold.
 Per-quantity tables add each row's difference from the best row and a Welch t-test p-value.
 Every table carries footnotes listing the runs that are not in it.
 """
