@@ -449,3 +449,25 @@ def test_probe_output_is_replaced_only_by_a_complete_result(snapshot_run, monkey
     assert _probe_cli(snapshot_run) == 0
     rows = pd.read_parquet(out)
     assert set(rows["step"]) == {0, 10} and rows["value"].notna().all()
+
+
+@pytest.mark.parametrize("damage", ["snapshot", "config"])
+def test_damaged_run_records_are_a_one_line_probe_error(snapshot_run, tmp_path, capsys, damage):
+    """A truncated snapshot or a run.json whose config is not a run's: exit 2 with one line
+    naming the file, and the earlier probe output untouched."""
+    import json
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(snapshot_run, run_dir)
+    (run_dir / "probe_trajectory.parquet").write_bytes(EARLIER)
+    if damage == "snapshot":
+        bad = sorted((run_dir / "snapshots").glob("step_*.pt"))[-1]
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:
+        bad = run_dir / "run.json"
+        bad.write_text(json.dumps({**json.loads(bad.read_text()), "config": {"seed": 0}}))
+    assert _probe_cli(run_dir) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err, err
+    assert (run_dir / "probe_trajectory.parquet").read_bytes() == EARLIER
