@@ -42,6 +42,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 import estimators
@@ -625,24 +626,30 @@ def probe_trajectory(
     record = RunRecord.load(run_dir / "run.json")
     if record is None or "config" not in record.data:
         raise FileNotFoundError(f"{run_dir / 'run.json'} not found or has no config")
-    cfg = OmegaConf.create(record.data["config"])
     snapshots = sorted((run_dir / SNAPSHOTS).glob("step_*.pt"))
     if not snapshots:
         raise FileNotFoundError(
             f"no model snapshots in {run_dir / SNAPSHOTS}; train with snapshot_every=N"
         )
-    family = cfg.model.family
-    basket = []
-    for i, spec in enumerate(specs):
-        entry = parse_estimator_spec(spec)
-        if entry["name"] in estimators.available():
-            entry = {**estimators.options(entry["name"]), **entry}
-        est = build_estimator(entry, family, f"--estimators[{i}]")
-        basket.append((entry.get("label") or estimator_label(entry, None), est))
-    data = load_data(cfg)
-    model = build_model(cfg, data).to(torch_device)
+    try:  # a damaged or foreign run.json: a message naming it, not a traceback
+        cfg = OmegaConf.create(record.data["config"])
+        family, kl, run_seed = str(cfg.model.family), str(cfg.model.kl), int(cfg.seed)
+        basket = []
+        for i, spec in enumerate(specs):
+            entry = parse_estimator_spec(spec)
+            if entry["name"] in estimators.available():
+                entry = {**estimators.options(entry["name"]), **entry}
+            est = build_estimator(entry, family, f"--estimators[{i}]")
+            basket.append((entry.get("label") or estimator_label(entry, None), est))
+        data = load_data(cfg)
+        model = build_model(cfg, data).to(torch_device)
+        batch = eval_binarized_probe_batch(cfg, data).to(torch_device)
+    except (OmegaConfBaseException, TypeError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{run_dir / 'run.json'}: its config is not that of a gradbench-train run ({why})"
+        ) from err
     basket = [(label, est.to(torch_device)) for label, est in basket]
-    batch = eval_binarized_probe_batch(cfg, data).to(torch_device)
     if reference == "auto":  # which Monte Carlo reference, if any, depends on the model
         method = reference_method(model, batch[:1])
         if method != "exact":
@@ -660,7 +667,7 @@ def probe_trajectory(
     runner = ProbeRunner(
         basket[1:], batch, num_estimates=num_estimates, groups=groups, chunk=chunk,
         reference=reference, reference_samples=reference_samples,
-        reference_estimates=reference_estimates, kl=cfg.model.kl,
+        reference_estimates=reference_estimates, kl=kl,
     )  # fmt: skip
     keys = ("run_id", "estimator", "estimator_label", "family", "dataset", "model")
     identity = {k: record.data.get(k) for k in keys}
@@ -669,9 +676,9 @@ def probe_trajectory(
         state = checkpoint.load(path)
         model.load_state_dict(state["model"])
         for _, est in basket:
-            warm_up(est, model, batch, cfg.model.kl)
+            warm_up(est, model, batch, kl)
         for r in runner(model, basket[0], seed * 1_000_003 + int(state["step"])):
-            rows.append({**identity, "seed": int(cfg.seed), "step": int(state["step"]),
+            rows.append({**identity, "seed": run_seed, "step": int(state["step"]),
                          "wall_time": float("nan"), "f_evals": int(state["f_evals"]),
                          "split": "probe", **r})  # fmt: skip
     df = pd.DataFrame(rows)
@@ -732,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     """``gradbench-probe RUN_DIR --estimators NAME[:k=v,...] ...``: probe a trajectory."""
     import argparse
 
+    from benchmarks.checkpoint import CheckpointError
     from benchmarks.records import atomic_write_bytes
 
     parser = argparse.ArgumentParser(
@@ -767,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             reference_estimates=args.reference_estimates, groups=args.groups, chunk=args.chunk,
             device=args.device, seed=args.seed,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"gradbench-probe: error: {err}", file=sys.stderr)
         return 2
     # The output is replaced only by a complete result: the ranking is built (and the rows
