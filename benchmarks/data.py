@@ -29,6 +29,8 @@ from __future__ import annotations
 import gzip
 import itertools
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,27 @@ def default_root() -> Path:
     return Path(os.environ.get("GRADBENCH_DATA") or "~/.cache/gradbench").expanduser()
 
 
+class DataFileError(ValueError):
+    """A data file that is present but cannot be read (corrupt, truncated or not the expected
+    format). The message names the file and the command that downloads it again."""
+
+
+#: What reading a damaged file raises: gzip.BadGzipFile and other OSErrors, EOFError
+#: (truncated gzip file), zlib.error, zipfile.BadZipFile (npz), ValueError (scipy's "Unknown
+#: mat file type", a bad header), LookupError (an array missing from a mat/npz file, a
+#: truncated mat file); scipy's MatReadError is added where mat files are read.
+_READ_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile, ValueError, LookupError)
+
+
+def _unreadable(name: str, root: Path, path: Path, err: BaseException) -> DataFileError:
+    why = str(err) or type(err).__name__
+    return DataFileError(
+        f"data={name}: cannot read {path} ({type(err).__name__}: {why}); the file is corrupt, "
+        f"truncated or not the expected format. Download it again with: "
+        f"{download_command(name, root)} --force"
+    )
+
+
 def download_command(name: str, root: str | Path) -> str:
     """Return the shell command that fetches data set ``name`` into ``root``."""
     return f"gradbench-data download {name} --root {root}"
@@ -129,6 +152,8 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
         ValueError: ``name`` is not a known data set.
         FileNotFoundError: a file-based set's file is missing; the message names the file and
             the command that downloads it.
+        DataFileError: a file-based set's file is present but corrupt or truncated; the
+            message names the file and the command that downloads it again.
     """
     if name not in DATASETS:
         raise ValueError(f"data={name!r} is not a known data set; allowed: {', '.join(DATASETS)}")
@@ -142,8 +167,8 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     if name == "omniglot":
         train, test = _read_omniglot(root)
     else:
-        train = _read_idx_images(_require(root, name, IDX_FILES[name]["train"]))
-        test = _read_idx_images(_require(root, name, IDX_FILES[name]["test"]))
+        train = _read_idx_images(_require(root, name, IDX_FILES[name]["train"]), name, root)
+        test = _read_idx_images(_require(root, name, IDX_FILES[name]["test"]), name, root)
     n_val = min(VAL_SIZE[name], len(train) // 6)
     return Dataset(
         name=name,
@@ -466,18 +491,27 @@ def _require(root: Path, name: str, filename: str) -> Path:
     )
 
 
-def _read_idx_images(path: Path) -> np.ndarray:
-    """Read an IDX3 unsigned-byte image file (optionally gzipped) as uint8 ``[N, H, W]``."""
+def _read_idx_images(path: Path, name: str, root: Path) -> np.ndarray:
+    """Read an IDX3 unsigned-byte image file (optionally gzipped) as uint8 ``[N, H, W]``.
+
+    Raises :class:`DataFileError` naming ``path`` and the command that downloads data set
+    ``name`` into ``root`` again when the file is corrupt or truncated.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if ndim != 3 or data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected an [N, H, W] image file, header says shape {shape}")
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        ndim = raw[3]
+        if ndim != 3 or len(raw) < 4 + 4 * ndim:
+            raise ValueError(f"expected an [N, H, W] image file, header says {ndim} dimensions")
+        shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(shape)):
+            raise ValueError(f"header says shape {shape}, the file holds {data.size} pixels")
+    except _READ_ERRORS as err:
+        raise _unreadable(name, root, path, err) from err
     return data.reshape(shape).copy()  # writable, so torch.from_numpy accepts it
 
 
@@ -487,17 +521,24 @@ def _read_omniglot(root: Path) -> tuple[np.ndarray, np.ndarray]:
     if mat.is_file():
         try:
             from scipy.io import loadmat
+            from scipy.io.matlab import MatReadError
         except ImportError as err:
             raise ImportError(
                 f"reading {mat} needs scipy (installed with scikit-learn); install it, or "
                 f"provide {npz} with arrays 'train' and 'test' instead"
             ) from err
-        raw = loadmat(mat)
-        # IWAE's layout: [784, N] columns, each image flattened column-major (Fortran order).
-        return _from_fortran(raw["data"]), _from_fortran(raw["testdata"])
+        try:
+            raw = loadmat(mat)
+            # IWAE's layout: [784, N] columns, each image flattened column-major (Fortran order).
+            return _from_fortran(raw["data"]), _from_fortran(raw["testdata"])
+        except (*_READ_ERRORS, MatReadError) as err:
+            raise _unreadable("omniglot", root, mat, err) from err
     if npz.is_file():
-        with np.load(npz) as raw:
-            return raw["train"], raw["test"]
+        try:
+            with np.load(npz) as raw:
+                return raw["train"], raw["test"]
+        except _READ_ERRORS as err:
+            raise _unreadable("omniglot", root, npz, err) from err
     raise FileNotFoundError(
         f"data=omniglot: {mat} not found (nor the alternative {npz}). "
         f"Get it with: {download_command('omniglot', root)}"

@@ -8,7 +8,10 @@ Files go to ``<root>/<name>/`` (``root`` defaults to ``$GRADBENCH_DATA`` or
 use urllib only, are written atomically (a temporary file in the destination directory, then
 ``os.replace``) and are checked against the published MD5 where one is known (the table below,
 as listed by torchvision). For a file without a published checksum (Omniglot's
-``chardata.mat``) the SHA-256 is printed and recorded in ``<file>.sha256`` instead.
+``chardata.mat``) the SHA-256 is printed and recorded in ``<file>.sha256`` instead. A file
+already present is checked again on every ``download``: against its published checksum, else
+its recorded SHA-256 (a later download must match the record; ``--force`` accepts and records
+a new one), else by loading it; a file that fails is downloaded again.
 ``mnist_subset``, ``digits`` and ``synthetic`` ship with installed packages or are generated:
 they need no download.
 """
@@ -32,6 +35,8 @@ from benchmarks.data import (
     OMNIGLOT_MAT,
     OMNIGLOT_NPZ,
     default_root,
+    download_command,
+    load_dataset,
 )
 from benchmarks.records import atomic_write_bytes
 
@@ -138,11 +143,59 @@ def fetch(
     return got_md5, got_sha256
 
 
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded for ``path`` in ``<path>.sha256`` at its download; None if there
+    is no record or it does not hold a SHA-256."""
+    record = path.with_name(path.name + ".sha256")
+    try:
+        words = record.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    digest = words[0].lower() if words else ""
+    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def _present_file_is_good(name: str, root: Path, dest: Path, remote: RemoteFile) -> bool:
+    """Whether ``dest`` (present) can be kept, checking it against the published checksum,
+    else the SHA-256 recorded at its download, else by reading it; prints what was found."""
+    if remote.md5 is not None or remote.sha256 is not None:
+        got_md5, got_sha256 = file_digests(dest)
+        if got_md5 == remote.md5 or got_sha256 == remote.sha256:
+            print(f"{name}: {dest} already present, checksum OK")
+            return True
+        print(f"{name}: {dest} has a wrong checksum (corrupt or truncated); downloading it again")
+        return False
+    recorded = recorded_sha256(dest)
+    if recorded is not None:
+        if file_digests(dest)[1] == recorded:
+            print(f"{name}: {dest} already present, SHA-256 matches the one recorded")
+            return True
+        print(
+            f"{name}: {dest} differs from the SHA-256 recorded at its download in "
+            f"{dest.name}.sha256 (corrupt or truncated); downloading it again"
+        )
+        return False
+    try:  # neither published nor recorded: the file must at least load
+        load_dataset(name, root)
+    except ValueError as err:  # DataFileError, or images outside [0, 1]
+        print(f"{name}: {dest} cannot be read ({err}); downloading it again")
+        return False
+    print(f"{name}: {dest} already present and readable (no recorded checksum to verify)")
+    return True
+
+
 def download(name: str, root: str | Path | None = None, force: bool = False) -> list[Path]:
     """Fetch the files of data set ``name`` into ``<root>/<name>/``; return their paths.
 
-    Files already present with the right checksum (or with no known checksum) are kept unless
-    ``force``. Built-in data sets need no download: a message says so and nothing is fetched.
+    A file already present is kept (unless ``force``) when it matches its published checksum,
+    or, without one, the SHA-256 recorded in ``<file>.sha256`` when it was downloaded, or,
+    without either, when it loads; otherwise it is downloaded again. A download replacing a
+    file with a recorded SHA-256 must match that record (``force`` accepts and records a new
+    one). Built-in data sets need no download: a message says so and nothing is fetched.
+
+    Raises:
+        ChecksumError: a download differs from the published or recorded checksum (the file
+            on disk is left as it was).
     """
     if name not in DATASETS:
         raise ValueError(f"data={name!r} is not a known data set; allowed: {', '.join(DATASETS)}")
@@ -154,18 +207,26 @@ def download(name: str, root: str | Path | None = None, force: bool = False) -> 
     for remote in REMOTE_FILES[name]:
         dest = root / name / remote.filename
         paths.append(dest)
-        if dest.is_file() and not force:
-            if remote.md5 is None and remote.sha256 is None:
-                print(f"{name}: {dest} already present (SHA-256 {file_digests(dest)[1]})")
-                continue
-            got_md5, got_sha256 = file_digests(dest)
-            if got_md5 == remote.md5 or got_sha256 == remote.sha256:
-                print(f"{name}: {dest} already present, checksum OK")
-                continue
-            print(f"{name}: {dest} has a wrong checksum; downloading it again")
+        if dest.is_file() and not force and _present_file_is_good(name, root, dest, remote):
+            continue
+        published = remote.md5 is not None or remote.sha256 is not None
+        recorded = None if force or published else recorded_sha256(dest)
         print(f"{name}: downloading {remote.url} -> {dest}")
-        _, got_sha256 = fetch(remote.url, dest, md5=remote.md5, sha256=remote.sha256)
-        if remote.md5 is None and remote.sha256 is None:
+        try:
+            _, got_sha256 = fetch(
+                remote.url, dest, md5=remote.md5, sha256=remote.sha256 or recorded
+            )
+        except ChecksumError as err:
+            if recorded is None:
+                raise
+            raise ChecksumError(
+                f"{err}. The expected SHA-256 is the one recorded in {dest.name}.sha256 at the "
+                f"first download; if the file changed upstream, accept the new one with: "
+                f"{download_command(name, root)} --force"
+            ) from err
+        if recorded is not None:
+            print(f"{name}: SHA-256 matches the one recorded at the first download")
+        elif not published:
             atomic_write_bytes(
                 dest.with_name(dest.name + ".sha256"), f"{got_sha256}  {dest.name}\n".encode()
             )
@@ -205,7 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     get = sub.add_parser("download", help="download one data set")
     get.add_argument("name", choices=DATASETS)
     get.add_argument("--root", type=Path, default=None, help=root_help)
-    get.add_argument("--force", action="store_true", help="download even if already present")
+    get.add_argument(
+        "--force",
+        action="store_true",
+        help="download even if already present and good; accept (and record) a new SHA-256 "
+        "for a file without a published checksum",
+    )
     show = sub.add_parser("list", help="list data sets and whether they are present")
     show.add_argument("--root", type=Path, default=None, help=root_help)
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ import pandas as pd
 from benchmarks.report._io import write_text
 from benchmarks.report.records import (
     FACET_COLUMNS,
+    INFRASTRUCTURE_KEYS,
     STATUS_ORDER,
     discover,
     flatten_config,
@@ -29,13 +30,7 @@ from benchmarks.report.records import (
     load_records,
     load_throughput,
 )
-from benchmarks.report.tables import NA
-
-
-def _md_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "(none)\n"
-    return frame.to_markdown(index=False, disable_numparse=True) + "\n"
+from benchmarks.report.tables import NA, markdown_table
 
 
 def _code(text: object) -> str:
@@ -55,7 +50,7 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
             return
         text = present[cols].map(lambda v: NA if v is None or pd.isna(v) else str(v))
         table = text.value_counts(dropna=False).rename("runs").reset_index()
-        out.append(_md_table(table))
+        out.append(markdown_table(table))
 
     counts(["git_commit", "git_dirty"], "Code (git commit; dirty = uncommitted changes)")
     counts(sorted(c for c in runs if c.startswith("version_")), "Package versions")
@@ -88,7 +83,7 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
             .reset_index()
         )
         cfg["overrides"] = cfg["overrides"].map(_code)
-    out.append(_md_table(cfg))
+    out.append(markdown_table(cfg))
     flat = [flatten_config(c) for c in runs["config"] if isinstance(c, dict)]
     if flat:
         keys = sorted(set().union(*flat))
@@ -97,7 +92,7 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
         common = {k: flat[0].get(k) for k in keys if k not in varying}
         out.append("\nResolved config keys that differ between runs:\n")
         out.append(
-            _md_table(
+            markdown_table(
                 pd.DataFrame(
                     [{"key": _code(k), "values": ", ".join(v)} for k, v in varying.items()]
                 )
@@ -134,7 +129,7 @@ def write_report_md(
         "Regenerate with:\n",
         "```bash\n" + shlex.join(["python", "-m", "benchmarks.report", *argv]) + "\n```\n",
         "## Runs\n",
-        _md_table(status_table),
+        markdown_table(status_table),
     ]
     bad = runs[runs["status"] != "completed"].sort_values(["status", "run_id"])
     lines.append("\n### Runs not in the figures and tables\n")
@@ -142,14 +137,35 @@ def write_report_md(
         lines.append("All runs completed.\n")
     else:
         lines.append("Figures and tables aggregate completed runs only; these are left out:\n")
-        table = bad[["run_id", "estimator_label", "seed", "status", "reason", "run_dir"]].copy()
+        table = bad[["run_id", "estimator_label", "seed", "status", "reason", "run_dir"]]
+        table = table.astype(object)  # a run without a seed holds a dash, not a number
         table["estimator_label"] = table["estimator_label"].fillna(bad["overrides"])
         table["run_dir"] = table["run_dir"].map(_code)
-        lines.append(_md_table(table.fillna(NA).astype(str)))
+        lines.append(markdown_table(table.fillna(NA).astype(str)))
+    lines.append("\n### Duplicate seeds\n")
+    lines.append(
+        "Runs are grouped by their whole resolved config except `seed` and the "
+        "infrastructure keys " + ", ".join(f"`{k}`" for k in INFRASTRUCTURE_KEYS) + "; "
+        "groups that share an estimator label are told apart by the config keys in which "
+        "they differ (`label [key=value]`).\n"
+    )
+    dups = runs[runs["duplicate_of"].notna()] if "duplicate_of" in runs else runs.iloc[:0]
+    if dups.empty:
+        lines.append("No seed appears twice in a group.\n")
+    else:
+        lines.append(
+            "These completed runs repeat the seed of an earlier run (in run-id order) of the "
+            "same group; only that run is in the figures and tables:\n"
+        )
+        table = dups[["run_id", "estimator_label", "seed", "duplicate_of", "run_dir"]]
+        table = table.astype(object).sort_values("run_id")
+        table["run_dir"] = table["run_dir"].map(_code)
+        lines.append(markdown_table(table.fillna(NA).astype(str)))
     lines.append("\n## Figures\n")
     lines.append(
-        "Each estimator keeps one colour and marker in every figure (mapping: "
-        "[figures/palette.json](figures/palette.json)).\n"
+        "Each estimator keeps one colour and marker in every figure; groups of one estimator "
+        "label with different settings share its colour, each with a marker of its own "
+        "(mapping: [figures/palette.json](figures/palette.json)).\n"
     )
     for fig in figures:
         if fig.skipped:
@@ -265,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels |= set(throughput["label"].dropna())
     if overhead is not None:
         labels |= set(overhead["label"].dropna())
-    style = estimator_style(labels)
+    grouped = runs[runs["base_label"].notna() & (runs["estimator_label"] != runs["base_label"])]
+    base = dict(zip(grouped["estimator_label"], grouped["base_label"], strict=True))
+    style = estimator_style(labels, base)  # groups of one estimator keep its colour
     out.mkdir(parents=True, exist_ok=True)
     figures = all_figures(
         metrics, runs, throughput, style, out / "figures", args.n_boot, args.seed, overhead

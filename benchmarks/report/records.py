@@ -32,6 +32,14 @@ SUBSERIES_COLUMNS = ("stat", "param")
 #: The run.json fields copied into the runs table.
 _RUN_JSON_KEYS = ("run_id", "status", "reason", "device", "git_commit", "git_dirty",
                   "start_time", "end_time", "last_step", "config", *IDENTITY_COLUMNS)  # fmt: skip
+#: Resolved-config keys that say how or where a run was executed, not what it measures: runs
+#: whose configs differ only in these and in ``seed`` are seeds of one group. A key here
+#: also covers every key below it (``debug`` covers ``debug.fail_at_step``).
+INFRASTRUCTURE_KEYS = (
+    "device", "threads", "compile", "progress", "supervise", "log_every",
+    "checkpoint_every", "snapshot_every", "data.root", "optim.fused", "eval.chunk",
+    "eval.batch_size", "probe.chunk", "debug", "hydra",
+)  # fmt: skip
 #: Which Hydra override keys give a missing run its identity.
 _OVERRIDE_IDENTITY = {
     "estimator": "estimator",
@@ -250,6 +258,13 @@ def _read_metrics(path: Path) -> tuple[pd.DataFrame | None, str | None]:
     return None, "no metrics file"
 
 
+def _json_kind(value: object) -> str:
+    """The JSON name of a parsed value's type (for messages about files of the wrong shape)."""
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+             list: "list", dict: "object"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
 def _run_row(job: Job) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """One row of the runs table and the run's (normalized) metrics."""
     row: dict[str, Any] = {
@@ -288,6 +303,9 @@ def _run_row(job: Job) -> tuple[dict[str, Any], pd.DataFrame | None]:
         info = json.loads(run_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         row["reason"] = f"unreadable run.json: {err}"
+        return row, None
+    if not isinstance(info, dict):
+        row["reason"] = f"unreadable run.json: a JSON {_json_kind(info)}, not an object"
         return row, None
     for key in _RUN_JSON_KEYS:
         if info.get(key) is not None:
@@ -360,8 +378,12 @@ def load_records(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFram
       ``probe_estimator`` and ``probe_label`` (the probed estimator's label on probe rows, the
       run's own label when the record leaves it empty; ``""`` elsewhere); unknown columns are
       kept. ``runs`` has one row per run, present or expected: ``status`` (``completed``,
-      ``running``, ``diverged``, ``failed``, ``timeout`` or ``missing``), ``reason``,
-      identity, provenance (device, git commit, ``version_*``, times, overrides, config).
+      ``running``, ``diverged``, ``failed``, ``timeout`` or ``missing``; an unreadable
+      ``run.json`` is ``missing`` with the reason), ``reason``, identity, provenance (device,
+      git commit, ``version_*``, times, overrides, config) and the grouping of
+      :func:`assign_groups` (``group``, ``base_label``, ``duplicate_of``; ``estimator_label``
+      tells apart groups that share a label, and metric rows of a duplicate seed have
+      ``status`` ``duplicate``).
     """
     jobs, _ = discover(paths)
     rows: list[dict[str, Any]] = []
@@ -389,7 +411,137 @@ def load_records(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFram
             {c: pd.Series(dtype=numeric.get(c, object)) for c in
              [*METRIC_COLUMNS, "status", "probe_label"]}
         )  # fmt: skip
+    return assign_groups(metrics, runs)
+
+
+def is_infrastructure_key(key: str) -> bool:
+    """Whether the dotted config ``key`` is in (or below) :data:`INFRASTRUCTURE_KEYS`."""
+    return key == "seed" or any(key == k or key.startswith(k + ".") for k in INFRASTRUCTURE_KEYS)
+
+
+def experiment_config(config: Any) -> dict[str, Any] | None:
+    """The flattened resolved config without seed and infrastructure keys; None without one."""
+    if not isinstance(config, dict):
+        return None
+    return {k: v for k, v in flatten_config(config).items() if not is_infrastructure_key(k)}
+
+
+def _config_key(flat: dict[str, Any] | None) -> str | None:
+    return None if flat is None else json.dumps(flat, sort_keys=True, default=str)
+
+
+def _value_text(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def assign_groups(metrics: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Group runs by their whole resolved config except seed and infrastructure keys.
+
+    Adds to ``runs``: ``group`` (the config without seed and :data:`INFRASTRUCTURE_KEYS`, as
+    JSON; None for a run without a recorded config), ``base_label`` (the label the run
+    recorded) and ``duplicate_of`` (for a completed run whose group already has a completed
+    run of the same seed: that run's id, the first in run-id order; else None). Where groups
+    of one (family, model, dataset) share a label, ``estimator_label`` becomes the label
+    followed by the config keys that tell them apart, e.g. ``rloo (S=2) [steps=500]``, in
+    both frames (and in ``probe_label`` of the runs' own probe rows), so that no two groups
+    are pooled. Metric rows of duplicate runs get ``status`` ``duplicate``, which keeps them
+    out of every figure and table (``final_values`` takes completed rows only).
+    """
+    runs = runs.copy()
+    configs = [experiment_config(c) for c in runs.get("config", pd.Series(index=runs.index))]
+    runs["group"] = [_config_key(c) for c in configs]
+    runs["base_label"] = runs["estimator_label"]
+    labels = runs["estimator_label"].astype(object).copy()
+    facet = [*FACET_COLUMNS, "base_label"]
+    flat_of = {g: c for g, c in zip(runs["group"], configs, strict=True) if g is not None}
+
+    def text(flat: dict[str, Any], key: str) -> str | None:  # None: the key is absent
+        return json.dumps(flat[key], sort_keys=True, default=str) if key in flat else None
+
+    for _, block in runs[runs["group"].notna()].groupby(facet, dropna=False, sort=False):
+        groups = list(dict.fromkeys(block["group"]))
+        if len(groups) < 2 or pd.isna(block["base_label"].iloc[0]):
+            continue
+        flats = [flat_of[g] for g in groups]
+        keys = sorted(set().union(*flats))
+        varying = [k for k in keys if len({text(f, k) for f in flats}) > 1]
+        for g, flat in zip(groups, flats, strict=True):
+            parts = ", ".join(
+                f"{k}={_value_text(flat[k]) if k in flat else 'unset'}" for k in varying
+            )
+            labels.loc[block.index[block["group"] == g]] = (
+                f"{block['base_label'].iloc[0]} [{parts}]"
+            )
+    runs["estimator_label"] = labels
+    runs["duplicate_of"] = None
+    done = runs[(runs["status"] == "completed") & runs["group"].notna() & runs["seed"].notna()]
+    same = [*facet, "group", "seed"]  # the label too: a record may set it outside the config
+    for _, block in done.sort_values("run_id").groupby(same, dropna=False, sort=False):
+        runs.loc[block.index[1:], "duplicate_of"] = block["run_id"].iloc[0]
+    if metrics.empty:
+        return metrics, runs
+    metrics = metrics.copy()
+    changed = runs[runs["base_label"].notna() & (runs["estimator_label"] != runs["base_label"])]
+    relabel = dict(zip(changed["run_id"], changed["estimator_label"], strict=True))
+    rows = metrics["run_id"].isin(list(relabel))
+    own = rows & (metrics["probe_label"] == metrics["estimator_label"])
+    metrics.loc[own, "probe_label"] = metrics.loc[own, "run_id"].map(relabel)
+    metrics.loc[rows, "estimator_label"] = metrics.loc[rows, "run_id"].map(relabel)
+    dup = set(runs.loc[runs["duplicate_of"].notna(), "run_id"])
+    metrics.loc[metrics["run_id"].isin(dup), "status"] = "duplicate"
     return metrics, runs
+
+
+def _read_json_file(path: str | Path, option: str, expected: str) -> Any:
+    """The parsed JSON of ``path``; ``ValueError`` naming the file and ``option`` otherwise."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot read it: {err.strerror or err}") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{option} {path}: not valid JSON ({err}); expected {expected}") from err
+
+
+def _check_entry(
+    entry: Any,
+    where: str,
+    expected: str,
+    numbers: Sequence[str] = (),
+    optional_numbers: Sequence[str] = (),
+    mappings: Sequence[str] = (),
+) -> dict:
+    """``entry`` if it is a JSON object whose ``numbers`` are numbers (``optional_numbers``:
+    numbers or null) and ``mappings`` objects or null; ``ValueError`` naming ``where``."""
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f"{where} is a JSON {_json_kind(entry)}, not an object; expected {expected}"
+        )
+    for key in numbers:
+        if not is_number(entry.get(key)):
+            raise ValueError(
+                f"{where}: {key!r} is {json.dumps(entry.get(key))}, not a number; "
+                f"expected {expected}"
+            )
+    for key in optional_numbers:
+        if entry.get(key) is not None and not is_number(entry[key]):
+            raise ValueError(
+                f"{where}: {key!r} is {json.dumps(entry[key])}, not a number or null; "
+                f"expected {expected}"
+            )
+    for key in mappings:
+        if entry.get(key) is not None and not isinstance(entry[key], dict):
+            raise ValueError(
+                f"{where}: {key!r} is a JSON {_json_kind(entry[key])}, not an object; "
+                f"expected {expected}"
+            )
+    return entry
+
+
+_BENCHMARK_JSON = "a pytest-benchmark JSON (--benchmark-json) with a 'benchmarks' list"
 
 
 def load_throughput(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -402,8 +554,16 @@ def load_throughput(paths: Iterable[str | Path]) -> pd.DataFrame:
     """
     rows: list[dict[str, Any]] = []
     for path in paths:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        for bench in data.get("benchmarks", []):
+        data = _read_json_file(path, "--throughput", _BENCHMARK_JSON)
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            raise ValueError(f"--throughput {path}: not {_BENCHMARK_JSON}")
+        for i, bench in enumerate(data["benchmarks"]):
+            where = f"--throughput {path}: benchmarks[{i}]"
+            _check_entry(bench, where, _BENCHMARK_JSON, mappings=("params", "extra_info", "stats"))
+            _check_entry(
+                bench.get("stats") or {}, f"{where}.stats", _BENCHMARK_JSON,
+                optional_numbers=("median", "q1", "q3", "rounds"),
+            )  # fmt: skip
             params = dict(bench.get("params") or {})
             extra = dict(bench.get("extra_info") or {})
             stats = bench.get("stats") or {}
@@ -457,17 +617,23 @@ def load_overhead(paths: Iterable[str | Path]) -> pd.DataFrame:
     one, and the file's date and commit. Raises ``ValueError`` for a file that is not such a
     measurement.
     """
+    expected = (
+        "the JSON written by `python -m benchmarks.throughput_summary --measure`, with "
+        "'machine' and 'results'"
+    )
     rows: list[dict[str, Any]] = []
     for path in paths:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = _read_json_file(path, "--overhead", expected)
         if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-            raise ValueError(
-                f"{path}: not an overhead measurement (expected the JSON written by "
-                "`python -m benchmarks.throughput_summary --measure`, with 'machine' and "
-                "'results')"
-            )
+            raise ValueError(f"{path}: not an overhead measurement (expected {expected})")
+        _check_entry(data, f"--overhead {path}", expected, mappings=("machine",))
         machine = data.get("machine") or {}
-        for r in data["results"]:
+        for i, r in enumerate(data["results"]):
+            _check_entry(
+                r, f"--overhead {path}: results[{i}]", expected,
+                numbers=("ratio", "ci_low", "ci_high", "harness_ms", "handwritten_ms"),
+                optional_numbers=("target",),
+            )  # fmt: skip
             row = {k: r.get(k) for k in OVERHEAD_COLUMNS}
             row.update(source=str(path), date=machine.get("date"),
                        git_commit=machine.get("git_commit"))  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import seaborn as sns
@@ -53,17 +53,24 @@ class EstimatorStyle:
         return self.markers[label]
 
 
-def estimator_style(labels: Iterable[str]) -> EstimatorStyle:
+def estimator_style(
+    labels: Iterable[str], base: Mapping[str, str] | None = None
+) -> EstimatorStyle:
     """A deterministic colour and marker per label: sorted labels -> seaborn "colorblind".
 
-    The mapping depends only on the set of labels, so every figure of a report (built from the
-    same set) uses the same colour and marker for the same estimator. Beyond 10 labels the
-    colour-blind palette runs out and evenly spaced "husl" hues are used instead; the markers
-    still tell labels apart.
+    The mapping depends only on the set of labels (and ``base``), so every figure of a report
+    (built from the same set) uses the same colour and marker for the same estimator. ``base``
+    maps a label that tells apart groups of one estimator (``rloo (S=2) [steps=500]``) to the
+    estimator's label (``rloo (S=2)``): such labels take the colour of their base label and
+    markers of their own. Beyond 10 colours the colour-blind palette runs out and evenly
+    spaced "husl" hues are used instead; the markers still tell labels apart.
     """
     ordered = sorted({str(x) for x in labels})
-    n = len(ordered)
+    base = {str(k): str(v) for k, v in (base or {}).items()}
+    bases = sorted({base.get(label, label) for label in ordered})
+    n = len(bases)
     palette = sns.color_palette("colorblind" if n <= 10 else "husl", max(n, 1))
-    colors = {label: tuple(float(c) for c in palette[i]) for i, label in enumerate(ordered)}
+    color_of = {b: tuple(float(c) for c in palette[i]) for i, b in enumerate(bases)}
+    colors = {label: color_of[base.get(label, label)] for label in ordered}
     markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(ordered)}
     return EstimatorStyle(colors=colors, markers=markers)  # type: ignore[arg-type]

@@ -1,7 +1,9 @@
 """Summary tables (Markdown and LaTeX booktabs) built from ``records.final_values``.
 
 A cell is ``mean ± std (n)`` over the completed seeds of one (family, model, dataset,
-estimator_label); the best mean of each column within a (family, model, dataset) group is bold.
+estimator_label), where ``estimator_label`` names one group of runs with the same resolved
+config except seed and infrastructure keys (``records.assign_groups``; each seed counted once);
+the best mean of each column within a (family, model, dataset) group is bold.
 Per-quantity tables add each row's difference from the best row and a Welch t-test p-value.
 Every table carries footnotes listing the runs that are not in it.
 """
@@ -159,10 +161,29 @@ def footnotes(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+def md_cell(value: object) -> str:
+    """``value`` as the text of one Markdown table cell: a ``|`` would end the cell and a line
+    break the row, so pipes are escaped and line breaks become spaces."""
+    text = str(value).replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    return text.replace("|", "\\|")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a GitHub Markdown table (every cell and header through :func:`md_cell`);
+    ``(none)`` when it has no rows. Every Markdown table of a report is written here."""
+    if frame.empty:
+        return "(none)\n"
+    cells = frame.astype(object).map(md_cell)
+    cells.columns = [md_cell(c) for c in frame.columns]
+    return cells.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
 def _markdown(frame: pd.DataFrame, note: str, excluded: list[str]) -> str:
-    text = frame.to_markdown(index=False, disable_numparse=True) + "\n\n" + note + "\n"
+    text = markdown_table(frame) + "\n" + note + "\n"
     if excluded:
-        text += "\n† Not included (not completed):\n\n" + "".join(f"- {x}\n" for x in excluded)
+        text += "\n† Not included (not completed):\n\n" + "".join(
+            f"- {md_cell(x)}\n" for x in excluded
+        )
     return text
 
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -403,3 +404,125 @@ def test_download_of_built_in_data_set_is_a_no_op(tmp_path, name, capsys, monkey
     assert download.main(["download", name, "--root", str(tmp_path)]) == 0
     assert "no download needed" in capsys.readouterr().out
     assert not (tmp_path / name).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrupt and truncated files
+
+
+def _mat_bytes(n_train: int = 36, n_test: int = 8) -> bytes:
+    """A small chardata.mat in IWAE's layout."""
+    scipy_io = pytest.importorskip("scipy.io")
+    buf = io.BytesIO()
+    train, test = _images(n_train, seed=3) / 255, _images(n_test, seed=4) / 255
+    scipy_io.savemat(buf, {"data": train.reshape(n_train, 784).T,
+                           "testdata": test.reshape(n_test, 784).T})  # fmt: skip
+    return buf.getvalue()
+
+
+def _damage(name: str, how: str, folder: Path) -> Path:
+    """Write data set ``name``'s files into ``folder``, one of them damaged; return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "omniglot":
+        mat = _mat_bytes()
+        bad = folder / "chardata.mat"
+        bad.write_bytes(mat[: len(mat) // 2] if how == "truncated" else b"not a mat file" * 20)
+        return bad
+    files = data.IDX_FILES[name]
+    _write_idx(folder / files["test"], _images(4, seed=2), compress=True)
+    raw = gzip.compress(_idx_bytes(_images(12, seed=1)))
+    bad = folder / files["train"]
+    bad.write_bytes(raw[: len(raw) // 2] if how == "truncated" else b"\x1f\x8bjunk" * 20)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [
+        ("mnist", "truncated"),
+        ("fashion_mnist", "garbage"),
+        ("omniglot", "truncated"),
+        ("omniglot", "garbage"),
+    ],
+)
+def test_corrupt_or_truncated_file_names_it_and_the_command_that_fetches_it_again(
+    tmp_path, make_config, name, how
+):
+    """A damaged data file (EOFError, BadGzipFile, truncated or unknown mat file) is a
+    DataFileError naming the file and the download command; gradbench-train reports it as a
+    ConfigError before training."""
+    from benchmarks.train import ConfigError, load_data
+
+    bad = _damage(name, how, tmp_path / name)
+    with pytest.raises(ValueError) as err:
+        load_dataset(name, root=tmp_path)
+    assert type(err.value).__name__ == "DataFileError"
+    message = str(err.value)
+    assert str(bad) in message and "corrupt" in message, message
+    assert f"gradbench-data download {name} --root {tmp_path} --force" in message
+    with pytest.raises(ConfigError, match=re.escape(str(bad))):
+        load_data(make_config(f"data={name}", f"data.root={tmp_path}"))
+
+
+def _serve(monkeypatch, content: bytes) -> list[str]:
+    """Serve ``content`` for every URL; return the list of URLs fetched."""
+    fetched: list[str] = []
+
+    def opener(url, timeout):
+        fetched.append(url)
+        return io.BytesIO(content)
+
+    monkeypatch.setattr(download, "_urlopen", opener)
+    return fetched
+
+
+def test_download_checks_the_recorded_sha256_of_a_present_file(tmp_path, monkeypatch, capsys):
+    """A file without a published checksum is verified against the SHA-256 recorded at its
+    download: a truncated copy is downloaded again, an intact one is kept."""
+    content = _mat_bytes()
+    fetched = _serve(monkeypatch, content)
+    argv = ["download", "omniglot", "--root", str(tmp_path)]
+    assert download.main(argv) == 0 and len(fetched) == 1
+    mat = tmp_path / "omniglot" / "chardata.mat"
+    mat.write_bytes(content[:100])  # truncated after the download (a copy cut short)
+    capsys.readouterr()
+    assert download.main(argv) == 0
+    assert "differs from the SHA-256 recorded" in capsys.readouterr().out
+    assert len(fetched) == 2 and mat.read_bytes() == content
+    assert load_dataset("omniglot", root=tmp_path).test.shape == (8, 784)
+    assert download.main(argv) == 0 and len(fetched) == 2  # intact: kept
+    assert "matches the one recorded" in capsys.readouterr().out
+
+
+def test_download_refuses_a_new_file_that_differs_from_the_recorded_sha256(
+    tmp_path, monkeypatch, capsys
+):
+    """If the file served now differs from the recorded SHA-256, the download is refused with
+    a message naming the record and --force, and --force accepts and records it."""
+    old, new = _mat_bytes(), _mat_bytes(n_train=30)
+    _serve(monkeypatch, old)
+    argv = ["download", "omniglot", "--root", str(tmp_path)]
+    assert download.main(argv) == 0
+    mat = tmp_path / "omniglot" / "chardata.mat"
+    mat.write_bytes(old[:100])
+    _serve(monkeypatch, new)
+    capsys.readouterr()
+    assert download.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "chardata.mat.sha256" in err and "--force" in err, err
+    assert mat.read_bytes() == old[:100]  # left as it was
+    assert download.main([*argv, "--force"]) == 0 and mat.read_bytes() == new
+    assert download.recorded_sha256(mat) == hashlib.sha256(new).hexdigest()
+
+
+def test_download_replaces_a_present_file_without_checksum_that_does_not_load(
+    tmp_path, monkeypatch, capsys
+):
+    """A present file with neither a published nor a recorded checksum is kept only if it
+    loads; an unreadable one is downloaded again."""
+    content = _mat_bytes()
+    fetched = _serve(monkeypatch, content)
+    bad = _damage("omniglot", "garbage", tmp_path / "omniglot")
+    assert download.main(["download", "omniglot", "--root", str(tmp_path)]) == 0
+    assert "cannot be read" in capsys.readouterr().out
+    assert len(fetched) == 1 and bad.read_bytes() == content

@@ -4,6 +4,7 @@ definitions, and agreement of the batched computation with the naive loop."""
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -362,3 +363,111 @@ def test_unbiased_estimators_match_exact_gradient_on_the_synthetic_vae(name) -> 
     z = z_critical(1e-3 / len(_unbiased_bernoulli_estimators()), int(noisy.sum()))
     assert (((mean[0] - ref.mean)[noisy] / se[noisy]).abs() <= z).all()
     assert torch.allclose(mean[0][~noisy], ref.mean[~noisy], atol=1e-10)
+
+
+# ------------------------------------------------------- gradbench-probe: arguments, outputs
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory: pytest.TempPathFactory):
+    """A debug run with model snapshots at steps 0 and 10, and a probe_trajectory.parquet
+    that stands for the result of an earlier probe (its bytes must survive failures)."""
+    from hydra import compose, initialize_config_dir
+
+    import benchmarks.config  # noqa: F401  (registers the schemas)
+    from benchmarks.train import run
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=debug", "steps=10", "snapshot_every=10"])
+    run_dir = tmp_path_factory.mktemp("snapshots") / "run"
+    run(cfg, run_dir)
+    return run_dir
+
+
+def _probe_cli(run_dir, *args: str) -> int:
+    from benchmarks.probe import main
+
+    return main([str(run_dir), "--estimators", "rloo", "--num-estimates", "40", *args])
+
+
+EARLIER = b"an earlier, complete probe result"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--groups", "1"], r"--groups=1 is invalid; allowed: an integer >= 2"),
+        (["--groups", "30"], r"--num-estimates=40 is invalid; allowed: .* >= 2 \* --groups = 60"),
+        (["--chunk", "0"], r"--chunk=0 is invalid; allowed: an integer >= 1"),
+        (["--reference-samples", "0"], r"--reference-samples=0 is invalid; allowed: >= 1"),
+        (["--reference", "rloo", "--reference-samples", "1"], r"--reference-samples=1 .*rloo"),
+        (["--reference-estimates", "5"], r"--reference-estimates=5 is invalid; allowed: .*40"),
+        (["--reference", "median"], r"--reference=median is invalid; allowed: auto, exact, none"),
+        (["--device", "cuda"], r"--device=cuda: CUDA is not available here; allowed: cpu"),
+        (["--device", "gpu0"], r"--device=gpu0 is invalid; allowed: cpu, cuda, cuda:N"),
+    ],
+)
+def test_invalid_probe_arguments_are_refused_before_any_work(
+    snapshot_run, monkeypatch, capsys, args, says
+) -> None:
+    """An invalid option: exit 2 with one line naming the option and the allowed values, no
+    traceback, and the existing probe_trajectory.parquet left as it was."""
+    import benchmarks.probe
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("probing started despite an invalid option")
+
+    monkeypatch.setattr(benchmarks.probe, "gradient_moments", no_work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on GPU machines
+    out = snapshot_run / "probe_trajectory.parquet"
+    out.write_bytes(EARLIER)
+    assert _probe_cli(snapshot_run, *args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(says, err), err
+    assert out.read_bytes() == EARLIER
+
+
+def test_probe_output_is_replaced_only_by_a_complete_result(snapshot_run, monkeypatch) -> None:
+    """When anything fails after probing (here: the ranking table), the earlier
+    probe_trajectory.parquet is untouched; a successful probe then replaces it."""
+    import benchmarks.probe
+
+    out = snapshot_run / "probe_trajectory.parquet"
+    out.write_bytes(EARLIER)
+    ranking = benchmarks.probe.ranking_table
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("ranking failed")
+
+    monkeypatch.setattr(benchmarks.probe, "ranking_table", broken)
+    with pytest.raises(RuntimeError, match="ranking failed"):
+        _probe_cli(snapshot_run)
+    assert out.read_bytes() == EARLIER
+    monkeypatch.setattr(benchmarks.probe, "ranking_table", ranking)
+    assert _probe_cli(snapshot_run) == 0
+    rows = pd.read_parquet(out)
+    assert set(rows["step"]) == {0, 10} and rows["value"].notna().all()
+
+
+@pytest.mark.parametrize("damage", ["snapshot", "config"])
+def test_damaged_run_records_are_a_one_line_probe_error(snapshot_run, tmp_path, capsys, damage):
+    """A truncated snapshot or a run.json whose config is not a run's: exit 2 with one line
+    naming the file, and the earlier probe output untouched."""
+    import json
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(snapshot_run, run_dir)
+    (run_dir / "probe_trajectory.parquet").write_bytes(EARLIER)
+    if damage == "snapshot":
+        bad = sorted((run_dir / "snapshots").glob("step_*.pt"))[-1]
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:
+        bad = run_dir / "run.json"
+        bad.write_text(json.dumps({**json.loads(bad.read_text()), "config": {"seed": 0}}))
+    assert _probe_cli(run_dir) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err, err
+    assert (run_dir / "probe_trajectory.parquet").read_bytes() == EARLIER

@@ -386,13 +386,14 @@ def parse_cell(cell: str) -> tuple[float, float, int, bool]:
 
 
 def markdown_rows(path: Path) -> list[dict[str, str]]:
-    """The first Markdown table of a file as dicts (header -> cell text)."""
+    """The first Markdown table of a file as dicts (header -> cell text, ``\\|`` unescaped)."""
     lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [
-        dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
-        for ln in lines[2:]
-    ]
+
+    def cells(line: str) -> list[str]:
+        return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+    header = cells(lines[0])
+    return [dict(zip(header, cells(ln), strict=True)) for ln in lines[2:]]
 
 
 # ------------------------------------------------------------------------------- the tests
@@ -703,3 +704,165 @@ def test_final_values_reads_csv_records_and_tolerates_unknown_columns(report: di
         "throughput/steps_per_s",
         "f_evals_per_step",
     }
+
+
+# ------------------------------------------------- hostile records: groups, seeds, shapes
+
+PIPE = "rloo | S=2"  # a label with a character that ends a Markdown table cell
+
+
+def _small_metrics(run_id: str, label: str, seed: int, level: float) -> pd.DataFrame:
+    """A few rows of one run (train/test ELBO, steps/s): enough for the tables, cheap to plot."""
+    rows = [
+        {"run_id": run_id, "estimator": "rloo", "estimator_label": label, **FACET, "seed": seed,
+         "step": step, "wall_time": 0.01 * step, "f_evals": 2.0 * step, "split": split,
+         "metric": metric, "value": level + 0.1 * seed + 1e-3 * step}
+        for step in (0, 50, 100)
+        for split, metric in (("train", "elbo"), ("test", "elbo"), ("throughput", "steps_per_s"))
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _small_run(
+    job: Path, run_id: str, seed: int | None, *, label: str = RLOO, level: float = -100.0,
+    status: str = "completed", **config: object,
+) -> None:  # fmt: skip
+    """A run directory of rloo with ``config`` merged over the resolved config of :func:`_info`."""
+    info = _info(run_id, "rloo", label, 0 if seed is None else seed, status, None)
+    info["config"] |= config
+    if seed is None:  # a run that failed before its config was resolved has no seed
+        del info["seed"], info["config"]["seed"]
+    metrics = _small_metrics(run_id, label, seed or 0, level) if status == "completed" else None
+    _write_run(job, [f"seed={seed}"], info, metrics)
+
+
+def test_runs_without_a_seed_are_listed_and_report_md_is_written(tmp_path: Path) -> None:
+    """A failed run without a seed and a truncated run.json do not stop the report: report.md
+    is written and lists both."""
+    sweep = tmp_path / "sweep"
+    _small_run(sweep / "0", "ok", 0)
+    _small_run(sweep / "1", "no-seed", None, status="failed")
+    _small_run(sweep / "2", "truncated", 1)
+    (sweep / "2" / "run.json").write_text('{"run_id": "truncated", "status": "compl')
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out), "--n-boot", "20"]) == 0
+    text = (out / "report.md").read_text()
+    assert re.search(rf"\| no-seed +\| rloo \(S=2\) +\| {NA} +\| failed ", text), text
+    assert re.search(r"\| sweep/2 +\|.*\| missing +\| unreadable run.json", text), text
+
+
+@pytest.mark.parametrize(("content", "kind"), [("null", "null"), ("[1, 2]", "list")])
+def test_run_json_that_is_not_an_object_is_listed_as_unreadable(
+    tmp_path: Path, content: str, kind: str
+) -> None:
+    """A run.json holding JSON null or a list is an unreadable run, like a truncated one."""
+    _small_run(tmp_path / "sweep" / "0", "ok", 0)
+    _small_run(tmp_path / "sweep" / "1", "odd", 1)
+    (tmp_path / "sweep" / "1" / "run.json").write_text(content)
+    _, runs = load_records([tmp_path / "sweep"])
+    odd = runs.set_index("run_id").loc["sweep/1"]
+    assert odd["status"] == "missing"
+    assert odd["reason"] == f"unreadable run.json: a JSON {kind}, not an object"
+
+
+_OVERHEAD_CASE = {"label": RLOO, "ratio": 1.02, "ci_low": 1.0, "ci_high": 1.04,
+                  "harness_ms": 4.3, "handwritten_ms": 4.2}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "content", "says"),
+    [
+        ("--throughput", "[]", "not a pytest-benchmark JSON"),
+        ("--throughput", '{"benchmarks": [null]}', "benchmarks[0] is a JSON null"),
+        ("--throughput", '{"benchmarks": [{"stats": {"median": "fast"}}]}', "'median'"),
+        ("--throughput", '{"benchmarks": [{"params": [1]}]}', "'params' is a JSON list"),
+        ("--throughput", '{"benchmarks": [', "not valid JSON"),
+        ("--overhead", '{"results": [null]}', "results[0] is a JSON null"),
+        ("--overhead", json.dumps({"results": [_OVERHEAD_CASE | {"ratio": "1.02"}]}), "'ratio'"),
+        ("--overhead", json.dumps({"machine": [], "results": []}), "'machine' is a JSON list"),
+    ],
+)
+def test_throughput_or_overhead_json_of_the_wrong_shape_is_an_error_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture, option: str, content: str, says: str
+) -> None:
+    """A --throughput / --overhead file of the wrong shape: one line naming the option, the
+    file and what is wrong, exit 1, nothing written."""
+    _small_run(tmp_path / "run", "ok", 0)
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "run"), "--out", str(out), option, str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(bad) in err and says in err, err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A report over runs of one label with different settings, a repeated seed, runs that
+    differ only in infrastructure keys, and a label with a ``|``.
+
+    rloo (S=2): steps=100 seeds 0, 1 (seed 1 run twice: ``a2`` repeats ``a1``), and
+    steps=500 seeds 0, 1 (device cuda and threads 4: infrastructure, same group). PIPE: one
+    run, seed 0.
+    """
+    root = tmp_path_factory.mktemp("grouped")
+    a, b = root / "a", root / "b"
+    _small_run(a / "0", "a0", 0, steps=100, level=-100.0)
+    _small_run(a / "1", "a1", 1, steps=100, level=-100.0)
+    _small_run(a / "2", "a2", 1, steps=100, level=-130.0)  # the duplicate: far off
+    _small_run(b / "0", "b0", 0, steps=500, level=-90.0)
+    _small_run(b / "1", "b1", 1, steps=500, level=-90.0, device="cuda", threads=4)
+    pipe_estimator = {"name": "rloo", "num_samples": 2, "label": PIPE}
+    _small_run(root / "pipe", "pipe", 0, label=PIPE, level=-95.0, estimator=pipe_estimator)
+    out = root / "out"
+    assert main([str(a), str(b), str(root / "pipe"), "--out", str(out), "--n-boot", "20"]) == 0
+    return {"root": root, "out": out, "paths": [a, b, root / "pipe"]}
+
+
+def test_runs_with_different_settings_are_not_pooled_and_their_labels_differ(
+    grouped: dict,
+) -> None:
+    """Runs of one label whose resolved configs differ (other than in seed and
+    infrastructure keys) are separate rows, labelled with the keys that differ, in the same
+    colour with different markers."""
+    rows = markdown_rows(grouped["out"] / "tables" / "test_elbo.md")
+    by_label = {r["estimator"]: parse_cell(r["test ELBO (nats)"]) for r in rows}
+    short, long = f"{RLOO} [steps=100]", f"{RLOO} [steps=500]"
+    assert set(by_label) == {short, long, PIPE}
+    assert by_label[long][0] == pytest.approx(-90.0 + 0.1 + 0.05, abs=0.01)
+    assert by_label[long][2] == 2  # device and threads are not settings of the experiment
+    palette = json.loads((grouped["out"] / "figures" / "palette.json").read_text())["palette"]
+    assert palette[short]["color"] == palette[long]["color"]
+    assert palette[short]["marker"] != palette[long]["marker"]
+
+
+def test_a_repeated_seed_is_counted_once_and_listed(grouped: dict) -> None:
+    """Two completed runs of one group with the same seed: the first (in run-id order) is in
+    the tables, the other is listed under 'Duplicate seeds' in report.md."""
+    rows = markdown_rows(grouped["out"] / "tables" / "test_elbo.md")
+    mean, _, n, _ = parse_cell(
+        next(r for r in rows if r["estimator"] == f"{RLOO} [steps=100]")["test ELBO (nats)"]
+    )
+    assert n == 2 and mean == pytest.approx(-100.0 + 0.05 + 0.1, abs=0.01)
+    text = (grouped["out"] / "report.md").read_text()
+    dups = text.split("### Duplicate seeds", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"\| a2 +\| rloo \(S=2\) \[steps=100\] +\| 1 +\| a1 ", dups), dups
+    assert not re.search(r"\| (a0|b0|b1|pipe) ", dups), dups
+
+
+def test_a_pipe_in_a_label_does_not_break_any_markdown_table(grouped: dict) -> None:
+    """Every Markdown table the report writes keeps its column count when a label holds a
+    ``|``: the pipe is escaped."""
+    files = [grouped["out"] / "report.md", *sorted((grouped["out"] / "tables").glob("*.md"))]
+    for file in files:
+        table: list[str] = []
+        for line in [*file.read_text().splitlines(), ""]:
+            if line.startswith("|"):
+                table.append(line)
+                continue
+            widths = {len(re.split(r"(?<!\\)\|", row)) for row in table}
+            assert len(widths) <= 1, (file.name, table)
+            table = []
+    assert "rloo \\| S=2" in (grouped["out"] / "tables" / "summary.md").read_text()
