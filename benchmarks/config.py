@@ -302,13 +302,14 @@ def _job_subdir_resolver(num: str, *, _root_: Any) -> str:
 
 
 def _unique_dir_resolver(path: str) -> str:
-    """:func:`unique_dir` as the ``${unique_dir:...}`` resolver: an unusable directory ends the
-    command with its one-line message (OmegaConf and Hydra would wrap an exception raised
-    while resolving ``hydra.run.dir`` in a traceback of some 60 lines)."""
+    """:func:`unique_dir` as the ``${unique_dir:...}`` resolver. Hydra may resolve the default
+    directory while composing even when an override replaces it, so an unusable one is not
+    an error here: its path comes back unclaimed, and the command fails on it only if it is
+    the directory it uses (``benchmarks.supervise.OutputDirCheck``, with one line naming it)."""
     try:
         return unique_dir(path)
-    except OutputDirError as err:
-        raise SystemExit(f"error: {err}") from None
+    except OutputDirError:
+        return path
 
 
 def ensure_output_dir(path: str | Path) -> None:

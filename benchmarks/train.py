@@ -1019,7 +1019,7 @@ def app(cfg: DictConfig) -> str:
     except (supervise.UsageError, supervise.RunFailedError) as err:
         status, reason = "refused" if isinstance(err, supervise.UsageError) else "failed", str(err)
         if multirun:
-            log.error("%s: %s", run_dir, reason)
+            log.error("refused: %s", reason)
         else:
             _exit.append((1, f"error: {reason}"))
         return status
