@@ -11,7 +11,6 @@ import yaml
 from omegaconf import OmegaConf
 
 from benchmarks import supervise
-from benchmarks.config import job_subdir
 
 from .conftest import cli, record
 
@@ -131,6 +130,8 @@ def test_job_folders_are_reused_by_the_same_job_and_new_for_another(tmp_path: Pa
     """Property of ``${job_subdir:...}``: a job's folder is the numbered one whose recorded
     overrides are the same (in any order), else its own number if free, else a new number
     after every existing one (claimed exclusively)."""
+    from benchmarks.config import job_subdir
+
     sweep = tmp_path / "sweep"
     assert job_subdir(sweep, ["seed=0", "model=gaussian"], 0) == "0"
     (sweep / "0" / ".hydra").mkdir()
