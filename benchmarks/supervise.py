@@ -17,8 +17,13 @@
   honours them itself once the child has stopped.
 - :class:`DebugFaults`: the hard-fault test hooks ``debug.exit_at_step``, ``kill_at_step``,
   ``term_at_step`` (first attempt only) and ``preempt_after`` (every attempt).
-- :class:`SweepOutcome`: a Hydra callback that lists the jobs of a sweep that did not finish;
-  ``gradbench-train --multirun`` then exits 1 (jobs never raise, so every job runs).
+- :class:`SweepOutcome`: a Hydra callback that lists the jobs of a sweep that did not finish
+  (refused, failed, timed out; reported by each job, in folders of any name);
+  ``gradbench-train --multirun`` then exits 1 (jobs never raise, so every job runs). It keeps
+  a sweep dir's first ``multirun.yaml``. :class:`OutputDirCheck`: an unusable run or sweep
+  directory is one line naming it.
+- :class:`UsageError`: a user error (:class:`RunDirBusyError`, ``train.ConfigError``), reported
+  as one line, also from a supervised child (through a pipe), never as a traceback.
 """
 
 from __future__ import annotations

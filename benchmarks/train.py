@@ -15,10 +15,12 @@ the config, and a temperature schedule applies to any estimator with a ``tempera
 Outcomes: ``completed``; ``diverged`` (a non-finite loss or parameter, found at a sync point:
 records the last finite step, exits 0 so a sweep goes on); ``failed`` (any exception: message
 and traceback tail in ``run.json``, then re-raised, exit 1). An invalid config fails before any
-training, writes ``run.json`` (status ``failed``, unless the directory already holds a record)
-and never a metrics file. SIGTERM / SIGINT / the scheduler's SIGUSR2 stop the run after the
-current step with a checkpoint: ``failed`` (terminated) or ``timeout`` (preempted; submitit
-requeues it). In a sweep each run trains in a supervised child process, so a hard crash is
+training with one line naming the option (no traceback; exit 1), writes ``run.json`` (status
+``failed``, unless the directory already holds a record) and never a metrics file; a directory
+holding a run of another config, or a run further than ``steps``, is refused untouched.
+SIGTERM / SIGINT / the scheduler's SIGUSR2 stop the run after the current step with a
+checkpoint: ``failed`` (terminated; never exit 0) or ``timeout`` (preempted; submitit requeues
+it). In a sweep each run trains in a supervised child process, so a hard crash is
 recorded as ``failed`` and the sweep goes on (:mod:`benchmarks.supervise`). Re-running the same
 command in the same run directory resumes from the newest checkpoint that verifies
 (``checkpoint.pt``, else ``checkpoint.prev.pt``); a completed or diverged run is skipped while
@@ -1002,8 +1004,10 @@ def app(cfg: DictConfig) -> str:
 
     A user error (:class:`supervise.UsageError`: an invalid value, a directory that holds
     another run or is in use) is one line, not a traceback: a single run then exits 1; a
-    sweep job is listed at the end of the sweep, which exits 1. So is a single run that
-    ends ``failed`` (e.g. stopped by SIGTERM or SIGINT after its checkpoint).
+    sweep job is listed at the end of the sweep, which exits 1. A single run that ends
+    neither ``completed`` nor ``diverged`` (e.g. ``failed``: stopped by SIGTERM or SIGINT
+    after its checkpoint, when the signal's previous handler let the process go on) exits 1.
+    ``.hydra/`` is written only once the run has claimed its directory (see :func:`run`).
     """
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -1026,8 +1030,8 @@ def app(cfg: DictConfig) -> str:
     finally:
         if multirun:
             supervise.record_job_outcome(Path(hc.sweep.dir), run_dir, status, reason)
-    if status == "failed" and not multirun:
-        _exit.append((1, f"error: {run_dir}: {reason}"))
+    if status not in ("completed", "diverged") and not multirun:  # e.g. stopped by a signal
+        _exit.append((1, f"error: {run_dir}: {status}: {reason}"))
     return status
 
 
