@@ -17,7 +17,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import inspect
-import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -192,6 +192,14 @@ def estimator_schema(name: str) -> type:
     return dataclasses.make_dataclass(f"EstimatorConfig_{name}", fields)
 
 
+#: How many names :func:`unique_dir` tries (``path``, ``path_1``, ...) before giving up.
+MAX_CLAIMS = 10_000
+
+
+class OutputDirError(OSError):
+    """A run or sweep directory that cannot be created; the message names the path."""
+
+
 def unique_dir(path: str) -> str:
     """``path``, or else ``path_1``, ``path_2``, ...: the first one this call creates.
 
@@ -202,19 +210,131 @@ def unique_dir(path: str) -> str:
     the cache of the sweep), so a run, or a sweep and its jobs, keep the one they claimed.
     A claimed directory still empty when the process exits (the config was only composed or
     printed, or the command failed before writing) is removed again.
+
+    Raises :class:`OutputDirError` naming the path when a parent cannot be a directory (a
+    dangling symbolic link, a file, no permission) or after :data:`MAX_CLAIMS` taken names.
     """
     base = Path(path)
-    for i in itertools.count():
+    for i in range(MAX_CLAIMS):
         candidate = base if i == 0 else base.with_name(f"{base.name}_{i}")
         new_parents = [p for p in reversed(candidate.parents) if not p.exists()]
         try:
             candidate.parent.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:  # a parent was removed meanwhile: try again
+            continue
+        except OSError as err:  # a file or dangling link where a folder must be, no permission
+            raise OutputDirError(_unusable(candidate.parent, err)) from None
+        try:
             candidate.mkdir()
         except (FileExistsError, FileNotFoundError):  # taken; or a parent removed meanwhile
             continue
+        except OSError as err:
+            raise OutputDirError(_unusable(candidate, err)) from None
         _claimed.append((candidate, new_parents))
         return str(candidate)
-    raise AssertionError("unreachable")
+    raise OutputDirError(
+        f"cannot claim a new directory {base} (or {base.name}_1 ... {base.name}_{MAX_CLAIMS - 1}"
+        "): every name is taken; choose another hydra.run.dir / hydra.sweep.dir"
+    )
+
+
+def job_signature(overrides: list[str]) -> tuple[str, ...]:
+    """What identifies a sweep job: its task overrides, in any order. Every override counts
+    (also ``steps``): two jobs of one sweep that differ only there need two folders."""
+    return tuple(sorted(overrides))
+
+
+def recorded_overrides(job_dir: Path) -> list[str] | None:
+    """The task overrides recorded in ``job_dir/.hydra/overrides.yaml`` (None if unreadable)."""
+    try:
+        data = OmegaConf.load(Path(job_dir) / ".hydra" / "overrides.yaml")
+    except Exception:  # absent, unreadable or not YAML: the directory matches no job
+        return None
+    return [str(o) for o in data] if OmegaConf.is_list(data) else None
+
+
+def job_subdir(sweep_dir: str | Path, overrides: list[str], num: int) -> str:
+    """The numbered folder of ``sweep_dir`` for the job with task ``overrides``.
+
+    The folder whose recorded overrides (``.hydra/overrides.yaml``) name the same job
+    (:func:`job_signature`) when there is one, so re-running a sweep resumes or skips its
+    jobs in place; otherwise a folder this call creates (an exclusive claim): ``num`` (the
+    job's number) if free, else the next number after every existing folder. So jobs added
+    to an existing sweep get new folders and never touch another job's records.
+    """
+    sweep_dir = Path(sweep_dir)
+    ensure_output_dir(sweep_dir)
+    wanted = job_signature(overrides)
+    numbers = sorted(int(c.name) for c in sweep_dir.iterdir() if c.name.isdigit())
+    for n in numbers:
+        recorded = recorded_overrides(sweep_dir / str(n))
+        if recorded is not None and job_signature(recorded) == wanted:
+            return str(n)
+    candidates = [num] if num not in numbers else []
+    start = max(numbers, default=-1) + 1
+    candidates += range(start, start + MAX_CLAIMS)
+    for n in candidates:
+        try:
+            (sweep_dir / str(n)).mkdir()
+        except FileExistsError:  # claimed meanwhile by another job of a parallel launcher
+            continue
+        except OSError as err:
+            raise OutputDirError(_unusable(sweep_dir / str(n), err)) from None
+        return str(n)
+    raise OutputDirError(f"cannot claim a job folder in {sweep_dir}: every number is taken")
+
+
+_job_subdirs: dict[tuple[str, str, tuple[str, ...]], str] = {}
+
+
+def _job_subdir_resolver(num: str, *, _root_: Any) -> str:
+    """:func:`job_subdir` as the ``${job_subdir:${hydra.job.num}}`` resolver of the default
+    ``hydra.sweep.subdir``; the same job asking twice in a process gets the same folder."""
+    sweep_dir = str(_root_.hydra.sweep.dir)
+    overrides = [str(o) for o in _root_.hydra.overrides.task]
+    key = (sweep_dir, str(num), tuple(overrides))
+    if key not in _job_subdirs:
+        try:
+            _job_subdirs[key] = job_subdir(sweep_dir, overrides, int(num))
+        except OutputDirError as err:
+            raise SystemExit(f"error: {err}") from None
+    return _job_subdirs[key]
+
+
+def _unique_dir_resolver(path: str) -> str:
+    """:func:`unique_dir` as the ``${unique_dir:...}`` resolver. Hydra may resolve the default
+    directory while composing even when an override replaces it, so an unusable one is not
+    an error here: its path comes back unclaimed, and the command fails on it only if it is
+    the directory it uses (``benchmarks.supervise.OutputDirCheck``, with one line naming it)."""
+    try:
+        return unique_dir(path)
+    except OutputDirError:
+        return path
+
+
+def ensure_output_dir(path: str | Path) -> None:
+    """Create the directory ``path`` (and its parents) if needed; raise
+    :class:`OutputDirError` naming the culprit if it cannot be a directory."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(_unusable(path, err)) from None
+
+
+def _unusable(path: Path, err: OSError) -> str:
+    """The message of an output directory that cannot be created, naming the culprit."""
+    culprit = next((p for p in (path, *path.parents) if p.is_symlink() or p.exists()), path)
+    if culprit.is_symlink() and not culprit.exists():
+        why = f"{culprit} is a symbolic link to {os.readlink(culprit)}, which does not exist"
+    elif culprit.exists() and not culprit.is_dir():
+        why = f"{culprit} is a file, not a directory"
+    else:
+        why = f"{type(err).__name__}: {err.strerror or err}"
+    return (
+        f"cannot create the output directory {path}: {why}; fix or remove it, or choose "
+        "another hydra.run.dir / hydra.sweep.dir"
+    )
 
 
 _claimed: list[tuple[Path, list[Path]]] = []
@@ -234,12 +354,15 @@ def _release_unused_claims() -> None:
 
 def register_configs() -> None:
     """Store the root schema (``base_config``) and each ``schema/estimator/<name>``; register
-    the ``unique_dir`` resolver."""
+    the ``unique_dir`` and ``job_subdir`` resolvers."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for name in estimators.available():
         cs.store(group="schema/estimator", name=name, node=estimator_schema(name))
-    OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver(
+        "unique_dir", _unique_dir_resolver, use_cache=True, replace=True
+    )
+    OmegaConf.register_new_resolver("job_subdir", _job_subdir_resolver, replace=True)
 
 
 register_configs()

@@ -17,8 +17,13 @@
   honours them itself once the child has stopped.
 - :class:`DebugFaults`: the hard-fault test hooks ``debug.exit_at_step``, ``kill_at_step``,
   ``term_at_step`` (first attempt only) and ``preempt_after`` (every attempt).
-- :class:`SweepOutcome`: a Hydra callback that lists the jobs of a sweep that did not finish;
-  ``gradbench-train --multirun`` then exits 1 (jobs never raise, so every job runs).
+- :class:`SweepOutcome`: a Hydra callback that lists the jobs of a sweep that did not finish
+  (refused, failed, timed out; reported by each job, in folders of any name);
+  ``gradbench-train --multirun`` then exits 1 (jobs never raise, so every job runs). It keeps
+  a sweep dir's first ``multirun.yaml``. :class:`OutputDirCheck`: an unusable run or sweep
+  directory is one line naming it.
+- :class:`UsageError`: a user error (:class:`RunDirBusyError`, ``train.ConfigError``), reported
+  as one line, also from a supervised child (through a pipe), never as a traceback.
 """
 
 from __future__ import annotations
@@ -27,18 +32,29 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
+import time
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from benchmarks.records import RUN_JSON, RunRecord, now_iso
+from benchmarks.records import (
+    RUN_JSON,
+    RunRecord,
+    atomic_write_bytes,
+    now_iso,
+    read_json,
+    write_json,
+)
 
 try:
     import fcntl
@@ -60,7 +76,12 @@ LOCK = ".lock"
 sweep_problems: list[str] = []
 
 
-class RunDirBusyError(RuntimeError):
+class UsageError(Exception):
+    """A user error (an invalid option, a directory in use or held by another run): reported
+    as its message alone, without a traceback, and nothing is written into a run's records."""
+
+
+class RunDirBusyError(UsageError, RuntimeError):
     """Another live process holds the run directory."""
 
 
@@ -246,19 +267,26 @@ def _should_supervise(cfg: DictConfig, multirun: bool) -> bool:
     return wanted and hasattr(os, "fork") and sys.platform.startswith("linux")
 
 
-def launch(run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool = False) -> str:
-    """``run(cfg, run_dir, multirun=...)`` under the run-directory lock, supervised when
-    ``cfg.supervise`` says so (``auto``: in ``--multirun`` sweeps). Returns the run's status.
+def launch(
+    run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool = False,
+    **kwargs: Any,
+) -> str:  # fmt: skip
+    """``run(cfg, run_dir, multirun=..., **kwargs)`` under the run-directory lock, supervised
+    when ``cfg.supervise`` says so (``auto``: in ``--multirun`` sweeps). Returns the run's
+    status.
 
-    Supervised, a failure never raises in a sweep (``run.json`` holds it and
-    :class:`SweepOutcome` makes the sweep exit 1); in a single run it raises
-    :class:`RunFailedError`.
+    A :class:`UsageError` of the run (an invalid config, a directory holding another run) is
+    raised, also from a supervised child. Supervised, a failure never raises in a sweep
+    (``run.json`` holds it and :class:`SweepOutcome` makes the sweep exit 1); in a single run
+    it raises :class:`RunFailedError`.
     """
     run_dir = Path(run_dir)
     with RunDirLock(run_dir):
         if not _should_supervise(cfg, multirun):
-            return run(cfg, run_dir, multirun=multirun)
-        status, reason = _supervise(run, cfg, run_dir, multirun)
+            return run(cfg, run_dir, multirun=multirun, **kwargs)
+        status, reason = _supervise(run, cfg, run_dir, multirun, kwargs)
+    if status == USAGE_ERROR:
+        raise UsageError(reason)
     if status == "failed" and not multirun:
         raise RunFailedError(f"{run_dir}: {reason}")
     return status
@@ -273,10 +301,16 @@ def _flush() -> None:
             handler.flush()
 
 
+#: The status :func:`_supervise` returns for a child that stopped on a :class:`UsageError`.
+USAGE_ERROR = "usage error"
+
+
 def _supervise(
-    run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool
-) -> tuple[str, str | None]:
-    """Fork, run in the child, wait, record a hard crash, honour forwarded signals."""
+    run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool,
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[str, str | None]:  # fmt: skip
+    """Fork, run in the child, wait, record a hard crash, honour forwarded signals. A child's
+    :class:`UsageError` comes back through a pipe as ``(USAGE_ERROR, message)``."""
     received: list[int] = []
     child = 0
 
@@ -289,20 +323,27 @@ def _supervise(
     _warm_up()
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if main else {}
+    read_end, write_end = os.pipe()
     try:
         _flush()
         parent = os.getpid()
         child = os.fork()
         if child == 0:
-            _child(run, cfg, run_dir, multirun, parent)  # never returns
+            os.close(read_end)
+            _child(run, cfg, run_dir, multirun, parent, kwargs or {}, write_end)  # no return
+        os.close(write_end)
         for sig in received:  # arrived while forking
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, sig)
+        with os.fdopen(read_end, "rb") as pipe:  # EOF once the child has exited
+            usage = pipe.read().decode(errors="replace")
         _, wait_status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(wait_status)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if usage:  # refused before any work: the records are the run's own (or the refusal's)
+        return USAGE_ERROR, usage
     status, reason = _post_mortem(run_dir, code, received)
     if received:  # the signal was meant for this process too: act on it now the child is done
         try:
@@ -334,9 +375,11 @@ def _warm_up() -> None:
 
 
 def _child(
-    run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool, parent: int
-) -> None:
-    """The forked child: default signal dispositions, die with the parent, run, exit."""
+    run: Callable[..., str], cfg: DictConfig, run_dir: Path, multirun: bool, parent: int,
+    kwargs: dict[str, Any], usage_pipe: int,
+) -> None:  # fmt: skip
+    """The forked child: default signal dispositions, die with the parent, run, exit. A
+    :class:`UsageError` goes to the parent through ``usage_pipe`` (no traceback)."""
     code = 1
     try:
         for sig in STOP_SIGNALS:
@@ -350,8 +393,11 @@ def _child(
             import torch
 
             torch.set_num_threads(int(cfg.threads))
-        run(cfg, run_dir, multirun=multirun)
+        run(cfg, run_dir, multirun=multirun, **kwargs)
         code = 0
+    except UsageError as err:
+        with contextlib.suppress(OSError):
+            os.write(usage_pipe, (str(err) or type(err).__name__).encode())
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else 1
     except BaseException:
@@ -394,27 +440,161 @@ def _post_mortem(run_dir: Path, code: int, received: list[int]) -> tuple[str, st
 # ------------------------------------------------------------------------------ sweeps
 
 
+#: Where the jobs of a sweep leave their outcomes for :class:`SweepOutcome` (in the sweep dir).
+OUTCOMES = ".outcomes"
+#: The environment variable naming the current sweep (its outcomes folder), set by
+#: :class:`SweepOutcome` before any job starts; launchers pass the environment to their jobs.
+SWEEP_ENV = "GRADBENCH_SWEEP"
+#: A copy of a sweep directory's first ``multirun.yaml`` while a later sweep runs there.
+MULTIRUN_BACKUP = ".multirun.first.yaml"
+
+
+def record_job_outcome(sweep_dir: Path, job_dir: Path, status: str, reason: str | None) -> None:
+    """Leave a sweep job's outcome where :class:`SweepOutcome` reads it at the end of the
+    sweep (a job may run in another process or on another machine). Also a refused job's,
+    whose directory holds another run's records."""
+    token = os.environ.get(SWEEP_ENV)
+    if not token:  # not started by gradbench-train --multirun: the records say it all
+        return
+    entry = {"dir": str(Path(job_dir).resolve()), "status": status, "reason": reason}
+    name = f"{os.getpid()}-{time.monotonic_ns()}.json"
+    with contextlib.suppress(OSError):  # the job's own records stay the ground truth
+        write_json(Path(sweep_dir) / OUTCOMES / token / name, entry)
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every directory under ``sweep_dir`` holding a ``run.json``, whatever its name (numbers,
+    ``${hydra.job.override_dirname}``, nested), except hidden ones."""
+    out = []
+    for path in sorted(sweep_dir.rglob(RUN_JSON)):
+        rel = path.parent.relative_to(sweep_dir).parts
+        if rel and not any(part.startswith(".") for part in rel):
+            out.append(path.parent)
+    return out
+
+
+def _same_sweep(a: dict, b: dict) -> bool:
+    """Whether two ``multirun.yaml`` contents launch the same jobs (task overrides and the
+    sweeper's parameters)."""
+
+    def plan(m: dict) -> tuple[Any, Any]:
+        h = (m or {}).get("hydra") or {}
+        return ((h.get("overrides") or {}).get("task"), (h.get("sweeper") or {}).get("params"))
+
+    return plan(a) == plan(b)
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback: a run or sweep directory that cannot be created (a dangling symbolic
+    link, a file where a folder must be, no permission) ends the command with one line
+    naming it, before anything is written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(path: str) -> None:
+        from benchmarks.config import OutputDirError, ensure_output_dir
+
+        try:
+            ensure_output_dir(str(path))
+        except OutputDirError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
 class SweepOutcome(Callback):
-    """Hydra callback: at the end of a ``--multirun`` sweep, log every job directory whose
-    ``run.json`` is not ``completed`` or ``diverged`` and remember them in
-    :data:`sweep_problems` (``gradbench-train`` then exits 1)."""
+    """Hydra callback: at the end of a ``--multirun`` sweep, log every job of the sweep that
+    did not finish (refused, or ``run.json`` not ``completed`` or ``diverged``) and remember
+    them in :data:`sweep_problems` (``gradbench-train`` then exits 1).
+
+    The jobs report their outcomes (:func:`record_job_outcome`) into a folder of this sweep
+    named in ``$GRADBENCH_SWEEP``, so a refused job (its folder holds another run) counts
+    too, and only this sweep's jobs count; without any report every ``run.json`` under the
+    sweep dir is read. A sweep dir's first ``multirun.yaml`` (its provenance, the report's
+    command) is kept: a later sweep's with other jobs is saved as ``multirun.<n>.yaml``.
+    """
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self.first: bytes | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.token = uuid.uuid4().hex
+        os.environ[SWEEP_ENV] = self.token
+        backup, current = sweep_dir / MULTIRUN_BACKUP, sweep_dir / "multirun.yaml"
+        if backup.is_file():  # a sweep killed before it could put the first one back
+            self.first = backup.read_bytes()
+        elif current.is_file():
+            self.first = current.read_bytes()
+            atomic_write_bytes(backup, self.first)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        problems = []
-        for job in sorted(sweep_dir.glob("*/")):
-            if not job.name.isdigit():
-                continue
-            record = RunRecord.load(job / RUN_JSON)
-            status = record.status if record is not None else "missing"
-            if status not in ("completed", "diverged"):
+        os.environ.pop(SWEEP_ENV, None)
+        self._keep_first_multirun_yaml(sweep_dir)
+        outcomes = self._outcomes(sweep_dir)
+        if outcomes is None:  # no job reported (another launcher's environment): the records
+            outcomes = []
+            for job in _job_dirs(sweep_dir):
+                record = RunRecord.load(job / RUN_JSON)
+                status = record.status if record is not None else "missing"
                 reason = record.data.get("reason") if record is not None else "no run.json"
-                problems.append(f"{job}: {status}: {reason}")
+                outcomes.append((job, str(status), reason))
+        problems = [
+            f"{job}: {status}: {reason}"
+            for job, status, reason in outcomes
+            if status not in ("completed", "diverged")
+        ]
         sweep_problems[:] = problems
         for line in problems:
             log.error("not finished: %s", line)
         if problems:
             log.error(
-                "%d job(s) of %s did not finish; re-run the same command to resume them",
-                len(problems), sweep_dir,
+                "%d job(s) of %s did not finish; fix what is refused, then re-run the same "
+                "command to resume them", len(problems), sweep_dir,
             )  # fmt: skip
+
+    def _outcomes(self, sweep_dir: Path) -> list[tuple[Path, str, str | None]] | None:
+        """The outcomes this sweep's jobs reported (None if none did); a finished status is
+        checked against the job's ``run.json`` (what a report will read)."""
+        folder = sweep_dir / OUTCOMES / str(self.token)
+        files = sorted(folder.glob("*.json")) if self.token else []
+        if not files:
+            return None
+        out = []
+        for file in files:
+            entry = read_json(file) or {}
+            job, status, reason = (
+                Path(entry.get("dir", "?")),
+                entry.get("status"),
+                entry.get("reason"),
+            )
+            if status in ("completed", "diverged"):
+                record = RunRecord.load(job / RUN_JSON)
+                if record is None or record.status != status:
+                    status, reason = "missing", f"run.json does not say {status}"
+            out.append((job, str(status), reason))
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (sweep_dir / OUTCOMES).rmdir()  # when no other sweep is running there
+        return out
+
+    def _keep_first_multirun_yaml(self, sweep_dir: Path) -> None:
+        """Put the first ``multirun.yaml`` back (Hydra rewrote it at the start); keep this
+        sweep's as ``multirun.<n>.yaml`` when it launched other jobs."""
+        if self.first is None:
+            return
+        current = sweep_dir / "multirun.yaml"
+        if current.is_file() and current.read_bytes() != self.first:
+            mine = yaml.safe_load(current.read_bytes()) or {}
+            if not _same_sweep(yaml.safe_load(self.first) or {}, mine):
+                n = 1
+                while (sweep_dir / f"multirun.{n}.yaml").exists():
+                    n += 1
+                atomic_write_bytes(sweep_dir / f"multirun.{n}.yaml", current.read_bytes())
+        atomic_write_bytes(current, self.first)
+        (sweep_dir / MULTIRUN_BACKUP).unlink(missing_ok=True)

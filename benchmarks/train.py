@@ -15,10 +15,12 @@ the config, and a temperature schedule applies to any estimator with a ``tempera
 Outcomes: ``completed``; ``diverged`` (a non-finite loss or parameter, found at a sync point:
 records the last finite step, exits 0 so a sweep goes on); ``failed`` (any exception: message
 and traceback tail in ``run.json``, then re-raised, exit 1). An invalid config fails before any
-training, writes ``run.json`` (status ``failed``, unless the directory already holds a record)
-and never a metrics file. SIGTERM / SIGINT / the scheduler's SIGUSR2 stop the run after the
-current step with a checkpoint: ``failed`` (terminated) or ``timeout`` (preempted; submitit
-requeues it). In a sweep each run trains in a supervised child process, so a hard crash is
+training with one line naming the option (no traceback; exit 1), writes ``run.json`` (status
+``failed``, unless the directory already holds a record) and never a metrics file; a directory
+holding a run of another config, or a run further than ``steps``, is refused untouched.
+SIGTERM / SIGINT / the scheduler's SIGUSR2 stop the run after the current step with a
+checkpoint: ``failed`` (terminated; never exit 0) or ``timeout`` (preempted; submitit requeues
+it). In a sweep each run trains in a supervised child process, so a hard crash is
 recorded as ``failed`` and the sweep goes on (:mod:`benchmarks.supervise`). Re-running the same
 command in the same run directory resumes from the newest checkpoint that verifies
 (``checkpoint.pt``, else ``checkpoint.prev.pt``); a completed or diverged run is skipped while
@@ -67,6 +69,7 @@ from benchmarks.records import (
     RUN_JSON,
     MetricsLog,
     RunRecord,
+    atomic_write_bytes,
     file_sha256,
     git_state,
     new_run_id,
@@ -76,6 +79,7 @@ from benchmarks.records import (
 )
 from benchmarks.schedules import TemperatureSchedule
 from benchmarks.vae import ACTIVATIONS, ARCHS, FAMILIES, KL_MODES, VAE
+from estimators.exact import MAX_CONFIGS
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ LOSS_NOTE = "mean over the batch of -surrogate, plus the estimator's aux_loss"
 WALL_TIME_NOTE = "seconds of training since the start, excluding evaluation and checkpointing"
 
 
-class ConfigError(ValueError):
+class ConfigError(supervise.UsageError, ValueError):
     """An invalid config value; the message names the option and the allowed values."""
 
 
@@ -175,6 +179,8 @@ def validate(cfg: DictConfig) -> None:
     _require(pr.reference_samples >= 1, "probe.reference_samples", pr.reference_samples, ">= 1")
     ok = pr.reference_estimates >= 2 * pr.groups
     _require(ok, "probe.reference_estimates", pr.reference_estimates, ">= 2 * probe.groups")
+    if pr.every > 0:
+        validate_probe(cfg)
     for key in cfg.debug:  # fail_at_step, nan_at_step, ..., preempt_after
         value = cfg.debug[key]
         _require(value is None or value >= 1, f"debug.{key}", value, "null or an integer >= 1")
@@ -184,6 +190,64 @@ def validate(cfg: DictConfig) -> None:
         ok = _is_number(e.min_temperature) and e.min_temperature > 0
         _require(ok, "estimator.min_temperature", e.min_temperature, "a finite number > 0")
         _require(e.anneal_every >= 1, "estimator.anneal_every", e.anneal_every, "an integer >= 1")
+
+
+def validate_probe(cfg: DictConfig) -> None:
+    """Check what the probe would otherwise find only at its first probing step: that
+    ``probe.reference`` can give a reference for this model, and that the basket's labels
+    (the ``probe_estimator`` of its rows) tell its entries and the run's own estimator apart.
+    """
+    pr, m = cfg.probe, cfg.model
+    discrete = m.family in ("bernoulli", "categorical")
+    if pr.reference == "exact":
+        base = 2 if m.family == "bernoulli" else m.n_categories
+        if not discrete or base**m.latent_dim > MAX_CONFIGS:
+            what = (
+                f"{m.family} latents cannot be enumerated" if not discrete else
+                f"model.latent_dim={m.latent_dim} gives {base}^{m.latent_dim} latent "
+                f"configurations per example, more than the {MAX_CONFIGS} that can be enumerated"
+            )  # fmt: skip
+            raise ConfigError(
+                f"probe.reference='exact' is invalid here: {what}; allowed: auto, none, or an "
+                f"estimator supporting {m.family}: {', '.join(estimators.supporting(m.family))}"
+            )
+    elif pr.reference not in ("auto", "none") and m.family not in estimators.families(
+        pr.reference
+    ):
+        allowed = ["auto", "none", *(["exact"] if discrete else [])]
+        raise ConfigError(
+            f"probe.reference={pr.reference!r} is invalid for model.family={m.family}: it does "
+            f"not support {m.family} latents; allowed: {', '.join(allowed)}, or "
+            f"{', '.join(estimators.supporting(m.family))}"
+        )
+    est_cfg = OmegaConf.to_container(cfg.estimator, resolve=True)
+    own_label = estimator_label(est_cfg, temperature_schedule(est_cfg))
+    own = (est_cfg["name"], estimator_options(est_cfg))
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(OmegaConf.to_container(pr.basket, resolve=True)):
+        try:
+            entry = basket_entry(raw)
+        except ValueError as err:
+            raise ConfigError(f"probe.basket[{i}]: {err}") from err
+        name = entry["name"]
+        names = estimators.available()
+        _require(name in names, f"probe.basket[{i}].name", name, ", ".join(names))
+        entry = {**estimators.options(name), **entry}
+        label = entry.get("label") or estimator_label(entry, None)
+        options = {k: v for k, v in entry.items() if k not in HARNESS_ESTIMATOR_KEYS}
+        if label in seen:
+            raise ConfigError(
+                f"probe.basket[{i}] has the label {label!r} of probe.basket[{seen[label]}]: "
+                "their rows would merge; allowed: entries with distinct labels (drop the "
+                "duplicate, or give it another 'label')"
+            )
+        if label == own_label and (name, options) != own:
+            raise ConfigError(
+                f"probe.basket[{i}] has the label {label!r} of the run's own estimator but "
+                "other options: its rows would merge with the run's; allowed: the run's own "
+                "estimator as it is configured, or another 'label'"
+            )
+        seen[label] = i
 
 
 def estimator_options(est_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -532,12 +596,32 @@ def backward_inputs(
 # ------------------------------------------------------------------------------ the run
 
 
-def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
+def _holds_records(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run's records (run.json aside): a checkpoint or metrics."""
+    ckpt = run_dir / checkpoint.CHECKPOINT
+    return any(p.exists() for p in (ckpt, checkpoint.previous_path(ckpt), run_dir / METRICS))
+
+
+def steps_below(steps: int, done: int, where: Path) -> ConfigError:
+    """The error of a ``steps`` below the step a run has already reached (a run cannot be
+    shortened: its metrics and final evaluation would stop at the wrong step)."""
+    return ConfigError(
+        f"steps={steps} is invalid here: {where} is at step {done}; allowed: steps >= {done} "
+        "(resume or extend that run), or a new hydra.run.dir / hydra.sweep.dir"
+    )
+
+
+def run(
+    cfg: DictConfig, run_dir: Path | str, multirun: bool = False,
+    on_claim: Callable[[], None] | None = None,
+) -> str:  # fmt: skip
     """Train one VAE as ``cfg`` says, recording into ``run_dir``; return the final status.
 
     Returns ``completed``, ``diverged``, or the status of a finished run it skipped. Raises
     :class:`ConfigError` for an invalid config (before any training) and re-raises any other
-    exception after recording it as ``failed``.
+    exception after recording it as ``failed``. ``on_claim()`` (the app writes ``.hydra/``)
+    is called once the directory is this run's: at once in a new directory, else when the
+    run it holds is resumed or extended; never when the run is refused or skipped.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -546,6 +630,10 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
     previous = RunRecord.load(run_dir / RUN_JSON)
     config = OmegaConf.to_container(cfg, resolve=True)
     est_cfg = config["estimator"]
+    claimed = False
+    if on_claim is not None and previous is None and not _holds_records(run_dir):
+        on_claim()  # a new directory: nobody else's records to keep
+        claimed = True
 
     # 1. Validate before any work. Skip a finished run; refuse to mix two configs in one dir.
     try:
@@ -575,6 +663,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                 "hydra.run.dir / hydra.sweep.dir"
             )
     last = int(previous.data.get("last_step") or 0) if previous is not None else 0
+    if previous is not None and previous.status != "diverged" and last > cfg.steps:
+        raise steps_below(cfg.steps, last, run_dir / RUN_JSON)
     recovered: list[str] = []  # what was wrong with the records found, for run.json
     if previous is not None and (
         previous.status == "diverged" or (previous.status == "completed" and last >= cfg.steps)
@@ -653,6 +743,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
                     f"{', '.join(changed)}); resume it with its own config or choose a new "
                     "hydra.run.dir / hydra.sweep.dir"
                 )
+            if state["step"] > cfg.steps:
+                raise steps_below(cfg.steps, state["step"], source)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             estimator.load_state_dict(state["estimator"])
@@ -681,6 +773,8 @@ def run(cfg: DictConfig, run_dir: Path | str, multirun: bool = False) -> str:
         why = f"cannot resume: {type(err).__name__}: {err}"
         record.update_if_possible(status="failed", reason=why, config=config, end_time=now_iso())
         raise
+    if on_claim is not None and not claimed:
+        on_claim()  # the run found here is resumed or extended: now it is this command's
     record.update(
         **identity,
         status="running",
@@ -883,13 +977,64 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def hydra_files() -> dict[str, bytes]:
+    """What Hydra writes into ``<run dir>/.hydra/`` (``config.yaml``, ``hydra.yaml``,
+    ``overrides.yaml``) for the current job; the app writes it itself once the run has
+    claimed its directory (``hydra.output_subdir`` is null)."""
+    hydra_cfg = HydraConfig.instance().cfg
+    task = OmegaConf.create(OmegaConf.to_container(hydra_cfg.hydra.overrides.task))
+    files = {"hydra.yaml": hydra_cfg, "overrides.yaml": task}
+    return {name: OmegaConf.to_yaml(c).encode() for name, c in files.items()}
+
+
+def write_hydra_dir(run_dir: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into ``run_dir/.hydra/``, each atomically."""
+    for name, data in files.items():
+        atomic_write_bytes(run_dir / HYDRA_DIR / name, data)
+
+
+#: The folder of a run directory holding Hydra's record of the command.
+HYDRA_DIR = ".hydra"
+#: ``(exit code, message)`` of a single run that must not exit 0 (set by :func:`app`).
+_exit: list[tuple[int, str]] = []
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> str:
     """The Hydra app: one run in Hydra's output directory (a job directory in a sweep),
-    holding the directory's lock; in a sweep, supervised (``supervise``)."""
+    holding the directory's lock; in a sweep, supervised (``supervise``).
+
+    A user error (:class:`supervise.UsageError`: an invalid value, a directory that holds
+    another run or is in use) is one line, not a traceback: a single run then exits 1; a
+    sweep job is listed at the end of the sweep, which exits 1. A single run that ends
+    neither ``completed`` nor ``diverged`` (e.g. ``failed``: stopped by SIGTERM or SIGINT
+    after its checkpoint, when the signal's previous handler let the process go on) exits 1.
+    ``.hydra/`` is written only once the run has claimed its directory (see :func:`run`).
+    """
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    return supervise.launch(run, cfg, Path(hc.runtime.output_dir), multirun=multirun)
+    run_dir = Path(hc.runtime.output_dir)
+    files = {"config.yaml": OmegaConf.to_yaml(cfg).encode(), **hydra_files()}
+    status, reason = "failed", "the job raised an exception"
+    try:
+        status = supervise.launch(
+            run, cfg, run_dir, multirun=multirun, on_claim=lambda: write_hydra_dir(run_dir, files)
+        )
+        record = RunRecord.load(run_dir / RUN_JSON)
+        reason = record.data.get("reason") if record is not None else None
+    except (supervise.UsageError, supervise.RunFailedError) as err:
+        status, reason = "refused" if isinstance(err, supervise.UsageError) else "failed", str(err)
+        if multirun:
+            log.error("refused: %s", reason)
+        else:
+            _exit.append((1, f"error: {reason}"))
+        return status
+    finally:
+        if multirun:
+            supervise.record_job_outcome(Path(hc.sweep.dir), run_dir, status, reason)
+    if status not in ("completed", "diverged") and not multirun:  # e.g. stopped by a signal
+        _exit.append((1, f"error: {run_dir}: {status}: {reason}"))
+    return status
 
 
 def main() -> None:
@@ -901,7 +1046,12 @@ def main() -> None:
     args = sys.argv[1:]
     flags = [a for a in args if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in args if a not in flags]
+    _exit.clear()
     app()
+    if _exit:  # a single run refused or failed: its message, exit 1
+        code, message = _exit[-1]
+        print(message, file=sys.stderr)
+        sys.exit(code)
     if supervise.sweep_problems:  # jobs of the sweep that did not finish (logged): exit 1
         sys.exit(1)
 

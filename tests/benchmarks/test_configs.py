@@ -160,11 +160,12 @@ def test_launcher_presets_compose(make_config, launcher: str) -> None:
 
 
 def test_default_output_dirs_are_under_results(make_config) -> None:
-    """Single runs go to results/runs/<date>/<time>, sweeps to results/sweeps/<date>/<time>/<n>."""
+    """Single runs go to results/runs/<date>/<time>, sweeps to results/sweeps/<date>/<time>/<n>
+    (``n`` from ``job_subdir``: the job's existing folder, else a new number)."""
     cfg = make_config(return_hydra_config=True)
     assert cfg.hydra.run.dir.startswith("results/runs/")
     assert cfg.hydra.sweep.dir.startswith("results/sweeps/")
-    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${job_subdir:${hydra.job.num}}"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import estimators
 from benchmarks import checkpoint
 from benchmarks.records import COLUMNS
 from benchmarks.schedules import TemperatureSchedule
-from benchmarks.train import ConfigError, estimator_label, run, temperature_schedule
+from benchmarks.train import ConfigError, estimator_label, run, temperature_schedule, validate
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_OF_FAMILY = {"gaussian": "gaussian", "bernoulli": "bernoulli", "categorical": "categorical"}
@@ -210,6 +210,83 @@ def test_an_invalid_re_run_leaves_the_existing_record_alone(make_config, tmp_pat
     assert _record(tmp_path) == before
 
 
+def test_steps_below_the_step_a_run_reached_are_refused_with_both_numbers(
+    make_config, tmp_path
+) -> None:
+    """Issue 13 item 7. A run cannot be shortened: ``steps`` below the step of a completed
+    run, or of the checkpoint a failed run would resume from, raises ConfigError naming the
+    requested steps and the step reached, before any work; run.json, metrics and checkpoint
+    stay byte for byte as they were (a re-run never marks it completed at the wrong step)."""
+    done, failed = tmp_path / "done", tmp_path / "failed"
+    common = ("experiment=debug", "checkpoint_every=2", "eval.every=2")
+    run(make_config(*common, "steps=4"), done)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(make_config(*common, "steps=10", "debug.fail_at_step=4"), failed)
+    for run_dir, steps, reached in ((done, 3, 4), (failed, 1, 2)):
+        files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+        with pytest.raises(ConfigError, match=rf"steps={steps} .* at step {reached}\b"):
+            run(make_config(*common, f"steps={steps}"), run_dir)
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
+    # The checkpoint is what counts when run.json was lost.
+    (failed / "run.json").unlink()
+    with pytest.raises(ConfigError, match=r"steps=1 .*checkpoint\.pt is at step 2"):
+        run(make_config(*common, "steps=1"), failed)
+    assert not (failed / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "option"),
+    [
+        (("probe.reference=reparam",), "probe.reference='reparam'"),
+        (("model=categorical", "estimator=gumbel_softmax", "probe.reference=reparam"),
+         "probe.reference='reparam'"),
+        (("model=gaussian", "estimator=reparam", "probe.reference=exact"),
+         "probe.reference='exact'"),
+        (("model.latent_dim=17", "probe.reference=exact"), "probe.reference='exact'"),
+        (("model=categorical", "estimator=gumbel_softmax", "model.latent_dim=5",
+          "model.n_categories=10", "probe.reference=exact"), "probe.reference='exact'"),
+        (("probe.basket=[disarm,{name:rloo,label:disarm}]",), r"probe.basket\[1\]"),
+        (("probe.basket=[rloo,rloo]",), r"probe.basket\[1\]"),
+        (("estimator=disarm", "probe.basket=[{name:rloo,label:disarm}]"),
+         r"probe.basket\[0\] has the label 'disarm' of the run's own estimator"),
+        (("probe.basket=[nosuch]",), r"probe.basket\[0\].name"),
+    ],
+    ids=["reparam-bernoulli", "reparam-categorical", "exact-gaussian", "exact-2^17",
+         "exact-10^5", "label-duplicate", "entry-duplicate", "own-label", "unknown-name"],
+)  # fmt: skip
+def test_probe_options_that_would_fail_mid_training_are_refused_before_it(
+    make_config, tmp_path, overrides: tuple[str, ...], option: str
+) -> None:
+    """Issue 13 item 9. With probing on, a reference the model cannot have (``reparam`` for
+    discrete latents, ``exact`` for Gaussian latents or more configurations than can be
+    enumerated) and basket labels that would merge rows (two entries, or an entry and the
+    run's own estimator with other options) raise ConfigError naming the option and the
+    allowed values before any training: no metrics file."""
+    cfg = make_config("experiment=debug", "probe.every=5", *overrides)
+    with pytest.raises(ConfigError, match=option) as err:
+        run(cfg, tmp_path)
+    assert "allowed" in str(err.value)
+    assert not (tmp_path / "metrics.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("probe.reference=exact", "model.latent_dim=16"),
+        ("probe.reference=rloo",),
+        ("estimator=rloo", "estimator.num_samples=2", "probe.basket=[{name:rloo,num_samples:2}]"),
+        ("experiment=quick", "variant=bernoulli_gumbel"),
+        ("experiment=quick", "variant=gaussian_reparam"),
+    ],
+    ids=["exact-2^16", "rloo-reference", "own-in-basket", "quick-gumbel", "quick-reparam"],
+)
+def test_probe_options_that_work_still_validate(make_config, overrides) -> None:
+    """The probe checks refuse nothing that works: an enumerable exact reference, an
+    estimator reference of the family, and the run's own estimator in its basket (the
+    presets' variants do that)."""
+    validate(make_config("experiment=debug", "probe.every=5", *overrides))
+
+
 # ------------------------------------------------------------------------------ faults
 
 
@@ -319,6 +396,41 @@ def test_cli_invalid_config_exits_non_zero_without_metrics(tmp_path: Path) -> No
     assert proc.returncode == 1
     assert "optim.lr=-1.0 is invalid; allowed: a finite number > 0" in proc.stderr
     assert not (out / "metrics.parquet").exists()
+
+
+def test_cli_user_errors_are_a_line_naming_the_option_not_a_traceback(tmp_path: Path) -> None:
+    """Issue 13 item 13. An invalid value (here one that only the run's checks catch, after
+    Hydra has composed the config) exits 1 with one line naming the option and the allowed
+    values, and no traceback."""
+    out = tmp_path / "run"
+    proc = _cli("experiment=debug", "probe.every=5", "probe.reference=reparam",
+                f"hydra.run.dir={out}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) <= 2, proc.stderr
+    assert "probe.reference='reparam' is invalid" in lines[-1] and "allowed: " in lines[-1]
+    assert not (out / "metrics.parquet").exists()
+
+
+def test_cli_run_stopped_by_a_signal_and_recorded_failed_exits_non_zero(tmp_path: Path) -> None:
+    """Issue 13 item 15. A run stopped by SIGTERM checkpoints and records ``failed``
+    ("terminated by SIGTERM at step N"); the command must not exit 0 even when the signal's
+    previous disposition does not end the process (here: SIGTERM ignored, as a launcher or
+    ``nohup``-like wrapper may leave it)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("CI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train", "experiment=debug", "debug.term_at_step=3",
+         f"hydra.run.dir={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+    )  # fmt: skip
+    rec = _record(out)
+    assert rec["status"] == "failed" and "terminated by SIGTERM at step 3" in rec["reason"]
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "terminated by SIGTERM at step 3" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

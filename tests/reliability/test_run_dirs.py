@@ -74,6 +74,43 @@ def test_sixteen_claims_at_the_same_instant_get_sixteen_directories(tmp_path: Pa
     assert {Path(c).name for c in claimed} == names
 
 
+def test_an_unusable_output_dir_is_an_error_naming_it_not_an_endless_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 item 8. A dangling ``results`` symbolic link or a file where a folder must be
+    makes ``unique_dir`` raise OutputDirError naming the culprit at once (it used to retry
+    forever at 100% CPU); after ``MAX_CLAIMS`` taken names it gives up too."""
+    (tmp_path / "results").symlink_to(tmp_path / "nowhere")
+    base = str(tmp_path / "results" / "runs" / "12-00-00")
+    assert in_child(unique_dir, base, timeout=60) == 1  # raised, did not loop
+    with pytest.raises(benchmarks.config.OutputDirError, match=r"symbolic link to .*nowhere"):
+        unique_dir(base)
+    (tmp_path / "results").unlink()
+    (tmp_path / "results").write_text("a file")
+    with pytest.raises(benchmarks.config.OutputDirError, match="results is a file"):
+        unique_dir(base)
+    monkeypatch.setattr(benchmarks.config, "MAX_CLAIMS", 3)
+    for name in ("x", "x_1", "x_2"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(benchmarks.config.OutputDirError, match="every name is taken"):
+        unique_dir(str(tmp_path / "x"))
+
+
+def test_cli_with_a_dangling_results_link_exits_1_with_one_line(tmp_path: Path) -> None:
+    """Issue 13 item 8. ``gradbench-train`` in a folder whose ``results`` is a dangling
+    symbolic link (default run dir; a sweep; an explicit run dir under it) exits 1 at once
+    with one line naming ``results``; with an explicit directory elsewhere it runs."""
+    (tmp_path / "results").symlink_to(tmp_path / "nowhere")
+    for args in ((), ("--multirun",), ("hydra.run.dir=results/x",)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.train", *args, "experiment=debug", "steps=2"],
+            cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 1, (args, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "results is a symbolic link to" in lines[0], proc.stderr
+
+
 def _hold(run_dir: Path) -> None:
     with supervise.RunDirLock(run_dir):
         pass
