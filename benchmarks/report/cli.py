@@ -190,9 +190,10 @@ def write_report_md(
         for sweep in sweeps:
             n = "unknown" if sweep.expected is None else len(sweep.expected)
             found = (runs["sweep_dir"] == str(sweep.path)).sum() if "sweep_dir" in runs else 0
+            commands = ", then ".join(_code(c) for c in sweep.commands) or _code("unknown")
             lines.append(
                 f"- {_code(sweep.path)}: {n} jobs expected, {found} listed here. "
-                f"Command: {_code(sweep.command or 'unknown')}"
+                f"{'Commands' if len(sweep.commands) > 1 else 'Command'}: {commands}"
             )
     else:
         lines.append("- single run directories (no multirun.yaml)")

@@ -57,7 +57,12 @@ class Sweep:
     path: Path
     task_overrides: list[str] = field(default_factory=list)
     expected: list[list[str]] | None = None  # override list of every job, in launch order
-    command: str | None = None  # the sweep command reconstructed from multirun.yaml
+    commands: list[str] = field(default_factory=list)  # one per sweep launched in the dir
+
+    @property
+    def command(self) -> str | None:
+        """The first sweep's command (``multirun.yaml``), or None when unknown."""
+        return self.commands[0] if self.commands else None
 
 
 @dataclass
@@ -123,16 +128,38 @@ def _expected_jobs(multirun: dict) -> tuple[list[str], list[list[str]] | None]:
     return task, [list(combo) for combo in itertools.product(*axes.values())]
 
 
+def _multirun_files(path: Path) -> list[Path]:
+    """The sweep plans in a sweep dir, in launch order: ``multirun.yaml`` (the first sweep),
+    then ``multirun.1.yaml``, ``multirun.2.yaml``, ... (later sweeps there with other jobs)."""
+    later = [f for f in path.glob("multirun.*.yaml") if f.name.split(".")[1].isdigit()]
+    first = [path / "multirun.yaml"] if (path / "multirun.yaml").is_file() else []
+    return first + sorted(later, key=lambda f: int(f.name.split(".")[1]))
+
+
 def _load_sweep(path: Path) -> Sweep:
+    """The sweep dir's plans together: every job any of its sweeps launched (each listed
+    once), and each sweep's command."""
     sweep = Sweep(path=path)
-    if (path / "multirun.yaml").is_file():
-        multirun = _read_yaml(path / "multirun.yaml") or {}
-        sweep.task_overrides, sweep.expected = _expected_jobs(multirun)
+    for file in _multirun_files(path):
+        multirun = _read_yaml(file)
+        multirun = multirun if isinstance(multirun, dict) else {}
+        task, expected = _expected_jobs(multirun)
+        if not sweep.task_overrides:
+            sweep.task_overrides = task
+        if expected is None or (sweep.expected is None and sweep.commands):
+            sweep.expected = None  # one unknown plan makes the union unknown
+        else:
+            known = {frozenset(job) for job in sweep.expected or []}
+            new = [job for job in expected if frozenset(job) not in known]
+            sweep.expected = [*(sweep.expected or []), *new]
         hydra_overrides = ((multirun.get("hydra") or {}).get("overrides") or {}).get("hydra")
         launcher = [str(o) for o in hydra_overrides or [] if not str(o).startswith("hydra.mode=")]
-        if sweep.task_overrides:
-            args = [*sweep.task_overrides, *launcher]
-            sweep.command = shlex.join(["python", "-m", "benchmarks.train", "--multirun", *args])
+        args = [*task, *launcher]
+        sweep.commands.append(
+            shlex.join(["python", "-m", "benchmarks.train", "--multirun", *args])
+            if task
+            else "unknown"
+        )
     return sweep
 
 

@@ -176,7 +176,7 @@ def _info(
     }
 
 
-def _multirun_yaml(sweep: Path, task: list[str]) -> None:
+def _multirun_yaml(sweep: Path, task: list[str], name: str = "multirun.yaml") -> None:
     conf = {
         "hydra": {
             "sweeper": {
@@ -188,7 +188,7 @@ def _multirun_yaml(sweep: Path, task: list[str]) -> None:
         },
         "seed": 0,
     }
-    (sweep / "multirun.yaml").write_text(yaml.safe_dump(conf))
+    (sweep / name).write_text(yaml.safe_dump(conf))
 
 
 def make_sweeps(root: Path) -> tuple[Path, Path, Path, Path]:
@@ -643,6 +643,24 @@ def test_discover_lists_jobs_expected_by_multirun_yaml(report: dict) -> None:
     assert [(j.name, j.overrides) for j in absent] == [
         ("3", ["estimator=gumbel_softmax", "seed=3"])
     ]
+
+
+def test_jobs_added_to_a_sweep_dir_are_expected_and_their_command_listed(
+    tmp_path: Path,
+) -> None:
+    """A sweep dir that a later sweep added jobs to (``multirun.1.yaml`` beside the first
+    ``multirun.yaml``) expects the jobs of both, each once, and lists both commands."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    _multirun_yaml(sweep, ["estimator=rloo", "seed=0,1"])
+    _multirun_yaml(sweep, ["estimator=rloo", "seed=1,2"], name="multirun.1.yaml")
+    jobs, sweeps = discover([sweep])
+    assert sorted(map(sorted, sweeps[0].expected)) == [
+        ["estimator=rloo", f"seed={s}"] for s in (0, 1, 2)
+    ]
+    assert len(sweeps[0].commands) == 2 and "seed=1,2" in sweeps[0].commands[1]
+    assert sweeps[0].command == sweeps[0].commands[0]
+    assert sorted(j.name for j in jobs if j.expected_only) == ["0", "1", "2"]
 
 
 def test_strict_mode_fails_on_incomplete_runs_and_bad_paths_fail(
