@@ -4,7 +4,7 @@
 - ``@pytest.mark.gpu`` tests run only where CUDA is available.
 - torch runs one thread per test process (``GRADBENCH_TEST_THREADS`` overrides): the tests
   are dominated by tiny tensors, and on busy cores extra threads stall (see FIELD-NOTES).
-- glibc keeps freed memory in the process (``benchmarks.allocator``), as training runs do.
+- glibc keeps freed memory in the process (``benchmarks.harness.allocator``), as training runs do.
 """
 
 from __future__ import annotations
@@ -15,9 +15,16 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from benchmarks import MOVED
+
+    for arg in config.args:  # the suites' old paths name their new place
+        module = "benchmarks." + arg.split("::")[0].removeprefix("benchmarks/").removesuffix(".py")
+        if arg.startswith("benchmarks/") and module in MOVED:
+            new = MOVED[module].split(" ")[0].replace(".", "/") + ".py"
+            raise pytest.UsageError(f"{arg} has moved: use {new}")
     import torch
 
-    from benchmarks.allocator import retain_freed_memory
+    from benchmarks.harness.allocator import retain_freed_memory
 
     torch.set_num_threads(int(os.environ.get("GRADBENCH_TEST_THREADS", "1")))
     retain_freed_memory()  # as in training runs: freed CPU memory is reused, not page-faulted
@@ -27,7 +34,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     """Record the torch threads and the CPU allocator settings in benchmark JSONs."""
     import torch
 
-    from benchmarks.allocator import retain_freed_memory
+    from benchmarks.harness.allocator import retain_freed_memory
 
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["cpu_malloc"] = retain_freed_memory()

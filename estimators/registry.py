@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from estimators.base import EstimatorBase
+if TYPE_CHECKING:  # base imports this module for its error messages
+    from estimators.base import EstimatorBase
 
-Factory = Callable[..., EstimatorBase]
+Factory = Callable[..., "EstimatorBase"]
 
 _REGISTRY: dict[str, tuple[Factory, frozenset[str]]] = {}
 

@@ -16,7 +16,7 @@ def make_config() -> Callable[..., object]:
     """``make_config(*overrides, return_hydra_config=False)``: compose ``conf/config.yaml``."""
     from hydra import compose, initialize_config_dir
 
-    import benchmarks.config  # noqa: F401  (registers the schemas)
+    import benchmarks.harness.config  # noqa: F401  (registers the schemas)
 
     def _make(*overrides: str, return_hydra_config: bool = False) -> object:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

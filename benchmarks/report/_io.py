@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.records import fault_point
+from benchmarks.records.files import fault_point
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:

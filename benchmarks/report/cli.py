@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="JSON",
         help="interleaved harness-overhead measurements (overhead_<device>.json written by "
-        "`python -m benchmarks.throughput_summary --measure`) to plot and tabulate",
+        "`python -m benchmarks.throughput.summary --measure`) to plot and tabulate",
     )
     parser.add_argument(
         "--n-boot",

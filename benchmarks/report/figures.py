@@ -625,7 +625,7 @@ def benchmark_figure(tp: pd.DataFrame, style: EstimatorStyle, out_dir: Path) -> 
         "'harness / hand-written': median time of the harness's training step over that of "
         "the hand-written reference step of the same case (1 = no overhead). The two are "
         "timed in separate tests, so these ratios drift with the machine's load; "
-        "`python -m benchmarks.throughput_summary --measure` times them interleaved "
+        "`python -m benchmarks.throughput.summary --measure` times them interleaved "
         "(results/throughput/overhead_<device>.md)."
     )
     result = FigureResult(name, caption)
@@ -702,7 +702,7 @@ def overhead_figure(ov: pd.DataFrame | None, style: EstimatorStyle, out_dir: Pat
     caption = (
         "Harness overhead: time of a training step through the harness over that of a "
         "hand-written PyTorch step of the same model and estimator (1 = no overhead), timed "
-        "in interleaved blocks (`python -m benchmarks.throughput_summary --measure`); dots: "
+        "in interleaved blocks (`python -m benchmarks.throughput.summary --measure`); dots: "
         "median ratio over blocks, whiskers: 95% bootstrap intervals; dashed line: 1; dotted "
         "marks: each case's target (none for cases measured for information)."
     )

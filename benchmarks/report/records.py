@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from benchmarks.records import COLUMNS as METRIC_COLUMNS  # torch-free, like this package
+from benchmarks.records.runs import COLUMNS as METRIC_COLUMNS
 
 IDENTITY_COLUMNS = ("estimator", "estimator_label", "family", "dataset", "model", "seed")
 FACET_COLUMNS = ("family", "model", "dataset")
@@ -637,7 +637,7 @@ OVERHEAD_COLUMNS = (
 
 def load_overhead(paths: Iterable[str | Path]) -> pd.DataFrame:
     """Tidy rows from interleaved overhead measurements
-    (``python -m benchmarks.throughput_summary --measure``: ``overhead_<device>.json``).
+    (``python -m benchmarks.throughput.summary --measure``: ``overhead_<device>.json``).
 
     One row per case (:data:`OVERHEAD_COLUMNS`): the harness / hand-written ratio (median over
     blocks) with its 95% bootstrap interval, both step times, the target where the case has
@@ -645,7 +645,7 @@ def load_overhead(paths: Iterable[str | Path]) -> pd.DataFrame:
     measurement.
     """
     expected = (
-        "the JSON written by `python -m benchmarks.throughput_summary --measure`, with "
+        "the JSON written by `python -m benchmarks.throughput.summary --measure`, with "
         "'machine' and 'results'"
     )
     rows: list[dict[str, Any]] = []

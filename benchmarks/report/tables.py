@@ -375,7 +375,7 @@ def benchmark_table(tp: pd.DataFrame | None, out_dir: Path) -> TableResult | Non
         "threads, device and, where the reference is written per estimator, estimator); for "
         "the harness's training step this is its overhead over a hand-written loop, timed in "
         "a separate test (it drifts with the machine's load; `python -m "
-        "benchmarks.throughput_summary --measure` times the two interleaved)."
+        "benchmarks.throughput.summary --measure` times the two interleaved)."
     )
     return _plain_table(
         "throughput_benchmark", "Throughput (pytest-benchmark).", header, md_rows, tex_rows,
@@ -413,7 +413,7 @@ def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None
     )
     note = (
         "Harness training step / hand-written training step of the same model and estimator, "
-        "timed in interleaved blocks (`python -m benchmarks.throughput_summary --measure`): "
+        "timed in interleaved blocks (`python -m benchmarks.throughput.summary --measure`): "
         "median ratio over blocks with a 95% percentile-bootstrap interval over blocks; times "
         f"are medians per step. From: {sources}."
     )

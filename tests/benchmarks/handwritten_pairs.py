@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import bench_throughput as bt
-from benchmarks import handwritten
-from benchmarks.train import estimate_loss, optimizer_step
+from benchmarks.harness.step import estimate_loss, optimizer_step
+from benchmarks.throughput import bench_throughput as bt
+from benchmarks.throughput import handwritten, handwritten_steps
 
 
 def pair(
     case: bt.Case, dtype: torch.dtype = torch.float32
 ) -> tuple[bt.Setup, handwritten.HandwrittenStep]:
     """The harness setup (converted to ``dtype``) and the hand-written step of the same case
-    (:func:`benchmarks.handwritten.make_step`) with copies of its model and estimator
+    (:func:`benchmarks.throughput.handwritten_steps.make_step`) with copies of its model and
+    estimator
     parameters (after ``build`` materialized NVIL's or RELAX's lazy layer)."""
     setup = bt.build(case)
     setup.model.to(dtype)
     setup.estimator.to(dtype)
     setup.x = setup.x.to(dtype)
     latent_dim, n_categories = bt.LATENTS[case.family]
-    hand = handwritten.make_step(
+    hand = handwritten_steps.make_step(
         [p.detach().clone() for p in setup.model.parameters()],
         case.family, latent_dim, n_categories, case.estimator, options=case.opts,
         num_samples=case.num_samples, fused=setup.fused, kl=setup.kl,

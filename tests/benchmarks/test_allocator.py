@@ -1,4 +1,5 @@
-"""The CPU allocator settings of training and benchmark processes (``benchmarks.allocator``)."""
+"""The CPU allocator settings of training and benchmark processes
+(``benchmarks.harness.allocator``) and their measurement."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import allocator
+from benchmarks.harness import allocator
+from benchmarks.throughput import allocator as allocator_measurement
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -18,7 +20,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 _PROBE = """
 import ctypes, sys
 import torch
-from benchmarks.allocator import retain_freed_memory
+from benchmarks.harness.allocator import retain_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in (
@@ -78,11 +80,12 @@ def test_gradbench_malloc_system_keeps_the_defaults(monkeypatch: pytest.MonkeyPa
 @pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
 def test_measurement_writes_a_table_of_both_settings(tmp_path: Path) -> None:
-    """`python -m benchmarks.allocator --repeats 1 --out F` times every case both ways."""
+    """`python -m benchmarks.throughput.allocator --repeats 1 --out F` times every case both
+    ways."""
     out = tmp_path / "allocator.md"
-    assert allocator.main(["--repeats", "1", "--out", str(out)]) == 0
+    assert allocator_measurement.main(["--repeats", "1", "--out", str(out)]) == 0
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "ms" not in ln]
-    assert len(rows) == len(allocator.CASES)
+    assert len(rows) == len(allocator_measurement.CASES)
     for row in rows:
         system, retained, ratio = (float(c) for c in row.strip("|").split("|")[2:])
         assert system > 0 and retained > 0 and ratio == pytest.approx(retained / system, 1e-2)
@@ -91,6 +94,6 @@ def test_measurement_writes_a_table_of_both_settings(tmp_path: Path) -> None:
 def test_measurement_refuses_zero_repeats(capsys) -> None:
     """--repeats 0: exit 2 naming the option and the allowed values, before any timing."""
     with pytest.raises(SystemExit) as exit_info:
-        allocator.main(["--repeats", "0"])
+        allocator_measurement.main(["--repeats", "0"])
     assert exit_info.value.code == 2
     assert "--repeats=0 is invalid; allowed: an integer >= 1" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_summary
+from benchmarks.throughput import bench_summary
 
 
 def _bench(estimator: str, kind: str, s: int, median: float) -> dict:

@@ -1,8 +1,8 @@
 """Configs: every file under conf/ composes against its schema and builds; typos fail early.
 
-"Builds" means: the composed config passes :func:`benchmarks.train.validate`, the estimator is
-built by ``estimators.get`` and the VAE is constructed (data files are not read). Presets with
-a sweep are checked job by job (seeds aside, which never change validity).
+"Builds" means: the composed config passes :func:`benchmarks.harness.validate.validate`, the
+estimator is built by ``estimators.get`` and the VAE is constructed (data files are not read).
+Presets with a sweep are checked job by job (seeds aside, which never change validity).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import estimators
-from benchmarks.config import HARNESS_ESTIMATOR_KEYS, estimator_schema
-from benchmarks.train import (
+from benchmarks.harness.build import (
     build_estimator,
     check_estimator_fits_model,
     estimator_label,
     temperature_schedule,
-    validate,
 )
-from benchmarks.vae import VAE
+from benchmarks.harness.config import HARNESS_ESTIMATOR_KEYS, estimator_schema
+from benchmarks.harness.vae import VAE
+from benchmarks.harness.validate import validate
 from tests.conftest import CONF_DIR
 
 GROUPS = ("estimator", "model", "data", "optim", "probe", "experiment", "variant")
@@ -191,6 +191,6 @@ def test_unknown_group_option_lists_the_available_ones(make_config) -> None:
 
 def test_conf_dir_is_where_the_app_looks() -> None:
     """The Hydra app of benchmarks.train reads this conf/ directory."""
-    from benchmarks.train import CONF_DIR as APP_CONF_DIR
+    from benchmarks.cli.train import CONF_DIR as APP_CONF_DIR
 
     assert Path(APP_CONF_DIR) == CONF_DIR

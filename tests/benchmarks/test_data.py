@@ -1,4 +1,4 @@
-"""Tests of benchmarks.data (data sets, binarization, BatchStream) and benchmarks.download.
+"""Tests of benchmarks.data (data sets, binarization, BatchStream, gradbench-data download).
 
 Nothing here touches the network: file-based data sets are read from tiny files each test writes
 itself, and downloads are served by a fake URL opener or ``file://`` URLs.
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import data, download
-from benchmarks.data import BatchStream, load_dataset
+from benchmarks.data import datasets as data
+from benchmarks.data import download
+from benchmarks.data.datasets import BatchStream, load_dataset
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -451,7 +452,8 @@ def test_corrupt_or_truncated_file_names_it_and_the_command_that_fetches_it_agai
     """A damaged data file (EOFError, BadGzipFile, truncated or unknown mat file) is a
     DataFileError naming the file and the download command; gradbench-train reports it as a
     ConfigError before training."""
-    from benchmarks.train import ConfigError, load_data
+    from benchmarks.harness.build import load_data
+    from benchmarks.harness.validate import ConfigError
 
     bad = _damage(name, how, tmp_path / name)
     with pytest.raises(ValueError) as err:

@@ -11,7 +11,7 @@ import math
 import pytest
 
 import estimators
-from benchmarks.demo import EVENT, compare, main
+from benchmarks.cli.demo import EVENT, compare, main
 from tests.estimators.problems import z_critical
 
 ALPHA = 1e-3

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import estimators
-from benchmarks.train import run
+from benchmarks.harness.train import run
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "records.csv"
 KEY = ["case", "step", "split", "metric", "probe_estimator", "param"]

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import bench_throughput as bt
-from benchmarks import handwritten_control_variate as hcv
-from benchmarks.train import estimate_loss
+from benchmarks.harness.step import estimate_loss
+from benchmarks.throughput import bench_throughput as bt
+from benchmarks.throughput import handwritten_control_variate as hcv
 from tests.benchmarks.handwritten_pairs import assert_two_steps_update_alike, close, pair
 
 #: (estimator, options); each runs on all its hand-written families.

@@ -13,17 +13,10 @@ from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
 import estimators
-from benchmarks.probe import (
-    GroupedMoments,
-    Reference,
-    exact_reference,
-    gradient_moments,
-    gradient_moments_loop,
-    probe_basket,
-    reference_gradient,
-    summarize,
-)
-from benchmarks.vae import VAE
+from benchmarks.harness.vae import VAE
+from benchmarks.probe.moments import GroupedMoments, gradient_moments, gradient_moments_loop
+from benchmarks.probe.reference import Reference, exact_reference, reference_gradient
+from benchmarks.probe.runner import probe_basket, summarize
 from tests.estimators.problems import z_critical
 
 Z = z_critical(1e-3, 12)  # Bonferroni over the statistical comparisons of this module
@@ -223,7 +216,7 @@ def test_monte_carlo_reference_carries_its_standard_error() -> None:
 
 
 def _run(make_config, tmp_path, name, *overrides):
-    from benchmarks.train import run
+    from benchmarks.harness.train import run
 
     run_dir = tmp_path / name
     run(make_config("experiment=debug", *overrides), run_dir)
@@ -271,7 +264,7 @@ def test_probing_does_not_change_the_training_trajectory(make_config, tmp_path):
 def test_resumed_probed_run_matches_uninterrupted(make_config, tmp_path):
     """A probed run stopped at step 10 and extended to 20 gives the same probe rows and
     grad_var_ema as an uninterrupted 20-step run (the EMA is checkpointed)."""
-    from benchmarks.train import run
+    from benchmarks.harness.train import run
 
     whole = _run(make_config, tmp_path, "whole", *PROBE)
     run_dir = tmp_path / "split"
@@ -302,7 +295,8 @@ def test_resumed_probed_run_matches_uninterrupted(make_config, tmp_path):
 def test_invalid_probe_configs_fail_before_training(make_config, tmp_path, override, pattern):
     """Bad probe options raise a ConfigError naming the option and the allowed values, and
     leave no metrics file."""
-    from benchmarks.train import ConfigError, run
+    from benchmarks.harness.train import run
+    from benchmarks.harness.validate import ConfigError
 
     with pytest.raises(ConfigError, match=pattern):
         run(make_config("experiment=debug", "probe.every=10", override), tmp_path / "bad")
@@ -313,9 +307,9 @@ def test_trajectory_probe_cli_probes_every_snapshot(make_config, tmp_path, capsy
     """gradbench-probe measures every basket estimator at every model snapshot of one run
     (the shared trajectory), writes tidy rows beside the run's metrics and prints a ranking
     table; the report then reads those rows; a run without snapshots is a clear error."""
-    from benchmarks.probe import main
+    from benchmarks.cli.probe import main
+    from benchmarks.harness.train import run
     from benchmarks.report import load_records
-    from benchmarks.train import run
 
     run_dir = tmp_path / "traj"
     run(make_config("experiment=debug", "snapshot_every=10"), run_dir)
@@ -349,7 +343,7 @@ def test_unbiased_estimators_match_exact_gradient_on_the_synthetic_vae(name) -> 
     network) with 6 Bernoulli latents (64 configurations, enumerated), the mean of M
     estimates of every unbiased estimator equals the exact encoder gradient per coordinate
     within z * SE (Bonferroni over coordinates and estimators, family-wise rate 1e-3)."""
-    from benchmarks.data import load_dataset
+    from benchmarks.data.datasets import load_dataset
 
     torch.manual_seed(5)
     data = load_dataset("synthetic")
@@ -374,8 +368,8 @@ def snapshot_run(tmp_path_factory: pytest.TempPathFactory):
     that stands for the result of an earlier probe (its bytes must survive failures)."""
     from hydra import compose, initialize_config_dir
 
-    import benchmarks.config  # noqa: F401  (registers the schemas)
-    from benchmarks.train import run
+    import benchmarks.harness.config  # noqa: F401  (registers the schemas)
+    from benchmarks.harness.train import run
     from tests.conftest import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -386,7 +380,7 @@ def snapshot_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _probe_cli(run_dir, *args: str) -> int:
-    from benchmarks.probe import main
+    from benchmarks.cli.probe import main
 
     return main([str(run_dir), "--estimators", "rloo", "--num-estimates", "40", *args])
 
@@ -413,12 +407,13 @@ def test_invalid_probe_arguments_are_refused_before_any_work(
 ) -> None:
     """An invalid option: exit 2 with one line naming the option and the allowed values, no
     traceback, and the existing probe_trajectory.parquet left as it was."""
-    import benchmarks.probe
+    import benchmarks.cli.probe
+    import benchmarks.probe.runner
 
     def no_work(*_args, **_kwargs):
         raise AssertionError("probing started despite an invalid option")
 
-    monkeypatch.setattr(benchmarks.probe, "gradient_moments", no_work)
+    monkeypatch.setattr(benchmarks.probe.runner, "gradient_moments", no_work)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on GPU machines
     out = snapshot_run / "probe_trajectory.parquet"
     out.write_bytes(EARLIER)
@@ -436,16 +431,16 @@ def test_probe_output_is_replaced_only_by_a_complete_result(snapshot_run, monkey
 
     out = snapshot_run / "probe_trajectory.parquet"
     out.write_bytes(EARLIER)
-    ranking = benchmarks.probe.ranking_table
+    ranking = benchmarks.cli.probe.ranking_table
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("ranking failed")
 
-    monkeypatch.setattr(benchmarks.probe, "ranking_table", broken)
+    monkeypatch.setattr(benchmarks.cli.probe, "ranking_table", broken)
     with pytest.raises(RuntimeError, match="ranking failed"):
         _probe_cli(snapshot_run)
     assert out.read_bytes() == EARLIER
-    monkeypatch.setattr(benchmarks.probe, "ranking_table", ranking)
+    monkeypatch.setattr(benchmarks.cli.probe, "ranking_table", ranking)
     assert _probe_cli(snapshot_run) == 0
     rows = pd.read_parquet(out)
     assert set(rows["step"]) == {0, 10} and rows["value"].notna().all()

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 import estimators
-from benchmarks import bench_throughput as bt
-from benchmarks import handwritten
-from benchmarks.throughput_summary import (
+from benchmarks.harness.step import estimate_loss
+from benchmarks.throughput import bench_throughput as bt
+from benchmarks.throughput import handwritten, handwritten_steps
+from benchmarks.throughput.summary import (
     acceptance_cases,
     bootstrap_median_ci,
     load_benchmarks,
     ratio_rows,
     ratio_table,
 )
-from benchmarks.train import estimate_loss
 from tests.benchmarks.handwritten_pairs import assert_two_steps_update_alike, close, pair
 
 #: (estimator, options, S) with a hand-written version; each runs on all its families.
@@ -60,7 +60,7 @@ CASES = [
     )
     for name, options, s in HANDWRITTEN
     for family in ("gaussian", "bernoulli", "categorical")
-    if handwritten.supports(name, family, options)
+    if handwritten_steps.supports(name, family, options)
     for arch in ("linear", "nonlinear")
 ]
 
@@ -148,11 +148,11 @@ def test_nvil_state_matches_harness(normalize: bool) -> None:
 
 def test_handwritten_refuses_what_it_does_not_implement() -> None:
     """Estimators, baselines and families without a hand-written version raise ValueError."""
-    assert not handwritten.supports("reinforce", "bernoulli", {"baseline": "learned"})
-    assert not handwritten.supports("disarm", "gaussian")
-    assert not handwritten.supports("straight_through", "gaussian")
-    assert not handwritten.supports("gumbel_rao", "gaussian")
-    assert not handwritten.supports("no_such_estimator", "bernoulli")
+    assert not handwritten_steps.supports("reinforce", "bernoulli", {"baseline": "learned"})
+    assert not handwritten_steps.supports("disarm", "gaussian")
+    assert not handwritten_steps.supports("straight_through", "gaussian")
+    assert not handwritten_steps.supports("gumbel_rao", "gaussian")
+    assert not handwritten_steps.supports("no_such_estimator", "bernoulli")
     with pytest.raises(ValueError, match="no hand-written"):
         handwritten.HandwrittenStep([torch.zeros(2, 2)] * 4, "categorical", 2, 2, "arm")
 
@@ -297,7 +297,7 @@ def test_only_estimators_without_double_backward_are_compiled() -> None:
 def test_measure_keeps_the_eager_table_when_the_compile_part_fails(tmp_path, monkeypatch) -> None:
     """--measure --compile writes overhead_<device>.{json,md} before compiling, so a failure
     of the compile measurement loses nothing already measured."""
-    from benchmarks import throughput_summary as ts
+    from benchmarks.throughput import summary as ts
 
     report = {
         "machine": {"device": "cpu", "threads": 1, "date": "d", "versions": {}, "cpu_count": 2,
@@ -326,7 +326,7 @@ def test_measure_options_out_of_range_are_refused_before_any_work(
     args: list[str], message: str, tmp_path, capsys
 ) -> None:
     """Exit 2 naming the option, its value and the allowed values; nothing written."""
-    from benchmarks import throughput_summary as ts
+    from benchmarks.throughput import summary as ts
 
     with pytest.raises(SystemExit) as exit_info:
         ts.main(["--measure", "--out-dir", str(tmp_path), *args])

@@ -1,8 +1,8 @@
 """Training runs: dev runs of every estimator x family, records, resume, faults, validation.
 
-Fast tests call :func:`benchmarks.train.run` in-process on the ``debug`` preset (synthetic 8x8
-data, 20 steps). Tests that start ``python -m benchmarks.train`` in a subprocess are marked slow,
-except one smoke run and one invalid-config exit code.
+Fast tests call :func:`benchmarks.harness.train.run` in-process on the ``debug`` preset (synthetic
+8x8 data, 20 steps). Tests that start ``python -m benchmarks.train`` in a subprocess are marked
+slow, except one smoke run and one invalid-config exit code.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import pytest
 import torch
 
 import estimators
-from benchmarks import checkpoint
-from benchmarks.records import COLUMNS
-from benchmarks.schedules import TemperatureSchedule
-from benchmarks.train import ConfigError, estimator_label, run, temperature_schedule, validate
+from benchmarks.harness import checkpoint
+from benchmarks.harness.build import estimator_label, temperature_schedule
+from benchmarks.harness.schedules import TemperatureSchedule
+from benchmarks.harness.train import run
+from benchmarks.harness.validate import ConfigError, validate
+from benchmarks.records.runs import COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_OF_FAMILY = {"gaussian": "gaussian", "bernoulli": "bernoulli", "categorical": "categorical"}
@@ -509,11 +511,14 @@ def test_the_training_app_pickles_by_value_for_submitit_requeue() -> None:
     cloudpickle = pytest.importorskip("cloudpickle")
     import torch._inductor.config  # noqa: F401  (imported in a job once torch.optim warms up)
 
-    from benchmarks import train
+    from benchmarks.cli import train as app_module
+    from benchmarks.harness import train
 
-    cloudpickle.register_pickle_by_value(train)
+    for module in (app_module, train):
+        cloudpickle.register_pickle_by_value(module)
     try:
-        for fn in (train.app, train.run, train.main):
+        for fn in (app_module.app, train.run, app_module.main):
             assert cloudpickle.loads(cloudpickle.dumps(fn)).__name__ == fn.__name__
     finally:
-        cloudpickle.unregister_pickle_by_value(train)
+        for module in (app_module, train):
+            cloudpickle.unregister_pickle_by_value(module)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import estimators
-from benchmarks.train import run
+from benchmarks.harness.train import run
 
 #: One supported family per estimator, categorical first (its networks are the largest).
 FAMILY = {

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Bernoulli, Independent, kl_divergence
 
-from benchmarks.vae import FAMILIES, VAE
+from benchmarks.harness.vae import FAMILIES, VAE
 
 Z = 4.5
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.distributions import Independent
 
 import estimators
-from benchmarks.vae import VAE, LatentPosterior
+from benchmarks.harness.vae import VAE, LatentPosterior
 from tests.estimators.problems import z_critical
 
 ALPHA = 1e-3

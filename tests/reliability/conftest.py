@@ -1,9 +1,9 @@
 """Helpers of the fault-injection suite: runs in-process, in forked children and on the CLI.
 
-Fast tests call :func:`benchmarks.train.run` in-process, or in a forked child when the fault
-kills the process (:func:`in_child`): forking copies the already imported torch, so a killed
-run costs a fraction of a second instead of a fresh interpreter's import. Slow tests start
-``python -m benchmarks.train`` (:func:`cli`) like a user does.
+Fast tests call :func:`benchmarks.harness.train.run` in-process, or in a forked child when the
+fault kills the process (:func:`in_child`): forking copies the already imported torch, so a killed
+run costs a fraction of a second instead of a fresh interpreter's import. Slow tests start ``python
+-m benchmarks.train`` (:func:`cli`) like a user does.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks import checkpoint
+from benchmarks.harness import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 #: Test-only configs (the ``fault`` group: ``+fault=sigkill`` etc.), added with --config-dir.
@@ -163,15 +163,14 @@ def _cached_datasets() -> Any:
     forked children inherit both."""
     import functools
 
-    import benchmarks.train
-    from benchmarks import supervise
+    from benchmarks.harness import build, supervise
 
-    original = benchmarks.train.load_dataset
-    benchmarks.train.load_dataset = functools.lru_cache(maxsize=None)(original)
-    benchmarks.train.load_dataset("synthetic", None)  # as load_data calls it
+    original = build.load_dataset
+    build.load_dataset = functools.lru_cache(maxsize=None)(original)
+    build.load_dataset("synthetic", None)  # as load_data calls it
     supervise._warm_up()  # the lazy imports of a first run, inherited by forked children
     yield
-    benchmarks.train.load_dataset = original
+    build.load_dataset = original
 
 
 @pytest.fixture(scope="session")
@@ -180,8 +179,9 @@ def reference_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
     ``TINY + overrides``, computed once per session and shared by the tests."""
     from hydra import compose, initialize_config_dir
 
-    import benchmarks.config  # noqa: F401  (registers the schemas)
-    from benchmarks.train import CONF_DIR, run
+    import benchmarks.harness.config  # noqa: F401  (registers the schemas)
+    from benchmarks.cli.train import CONF_DIR
+    from benchmarks.harness.train import run
 
     cache: dict[tuple[str, ...], Path] = {}
     root = tmp_path_factory.mktemp("reference")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.records import FAULT_ENV
-from benchmarks.train import run
+from benchmarks.harness.train import run
+from benchmarks.records.files import FAULT_ENV
 
 from .conftest import TINY, cli, comparable, in_child, jobs, metrics, record
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import checkpoint
-from benchmarks.records import FAULT_ENV
+from benchmarks.harness import checkpoint
+from benchmarks.harness.train import run
+from benchmarks.records.files import FAULT_ENV
 from benchmarks.report.records import load_records
-from benchmarks.train import run
 
 from .conftest import assert_same_run, comparable, in_child, metrics, record
 

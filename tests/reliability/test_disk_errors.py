@@ -23,9 +23,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmarks import checkpoint
+from benchmarks.harness import checkpoint
+from benchmarks.harness.train import run
 from benchmarks.report import _io as report_io
-from benchmarks.train import run
 
 from .conftest import REPO, TINY, assert_same_run, env_for_cli, metrics, record
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.records import FAULT_ENV
-from benchmarks.train import run
+from benchmarks.harness.train import run
+from benchmarks.records.files import FAULT_ENV
 
 from .conftest import FAMILIES, TINY, assert_same_run, cli, in_child, record
 

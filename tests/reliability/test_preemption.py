@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import checkpoint, supervise
-from benchmarks.train import run
+from benchmarks.harness import checkpoint, supervise
+from benchmarks.harness.train import run
 
 from .conftest import TINY, assert_same_run, cli, comparable, jobs, metrics, record
 

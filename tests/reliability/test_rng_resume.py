@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import benchmarks.train
-from benchmarks import checkpoint
-from benchmarks.train import run
+import benchmarks.data.datasets
+from benchmarks.harness import checkpoint
+from benchmarks.harness.train import run
 
 from .conftest import record
 
@@ -27,7 +27,7 @@ def draws(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """Per training step (each ``BatchStream.next`` call): digests of the batch served and of
     the torch, numpy and ``random`` generator states at that moment."""
     seen: list[tuple[str, ...]] = []
-    real_next = benchmarks.train.BatchStream.next
+    real_next = benchmarks.data.datasets.BatchStream.next
 
     def next_batch(self):
         batch = real_next(self)
@@ -39,7 +39,7 @@ def draws(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
         ))  # fmt: skip
         return batch
 
-    monkeypatch.setattr(benchmarks.train.BatchStream, "next", next_batch)
+    monkeypatch.setattr(benchmarks.data.datasets.BatchStream, "next", next_batch)
     return seen
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import benchmarks.config
-from benchmarks import supervise
-from benchmarks.config import unique_dir
-from benchmarks.train import run
+import benchmarks.harness.config
+from benchmarks.harness import supervise
+from benchmarks.harness.config import unique_dir
+from benchmarks.harness.train import run
 
 from .conftest import REPO, env_for_cli, in_child, record
 
@@ -42,7 +42,7 @@ def test_a_claim_nobody_wrote_into_is_released_at_exit(
     used = Path(make_config(return_hydra_config=True).hydra.run.dir)
     assert unused.is_dir() and used.is_dir() and unused != used
     (used / "run.json").write_text("{}")
-    benchmarks.config._release_unused_claims()
+    benchmarks.harness.config._release_unused_claims()
     assert not unused.exists() and (used / "run.json").exists()
     assert sorted(p.name for p in (tmp_path / "results" / "runs").iterdir()) == [used.parent.name]
 
@@ -83,16 +83,18 @@ def test_an_unusable_output_dir_is_an_error_naming_it_not_an_endless_loop(
     (tmp_path / "results").symlink_to(tmp_path / "nowhere")
     base = str(tmp_path / "results" / "runs" / "12-00-00")
     assert in_child(unique_dir, base, timeout=60) == 1  # raised, did not loop
-    with pytest.raises(benchmarks.config.OutputDirError, match=r"symbolic link to .*nowhere"):
+    with pytest.raises(
+        benchmarks.harness.config.OutputDirError, match=r"symbolic link to .*nowhere"
+    ):
         unique_dir(base)
     (tmp_path / "results").unlink()
     (tmp_path / "results").write_text("a file")
-    with pytest.raises(benchmarks.config.OutputDirError, match="results is a file"):
+    with pytest.raises(benchmarks.harness.config.OutputDirError, match="results is a file"):
         unique_dir(base)
-    monkeypatch.setattr(benchmarks.config, "MAX_CLAIMS", 3)
+    monkeypatch.setattr(benchmarks.harness.config, "MAX_CLAIMS", 3)
     for name in ("x", "x_1", "x_2"):
         (tmp_path / name).mkdir()
-    with pytest.raises(benchmarks.config.OutputDirError, match="every name is taken"):
+    with pytest.raises(benchmarks.harness.config.OutputDirError, match="every name is taken"):
         unique_dir(str(tmp_path / "x"))
 
 

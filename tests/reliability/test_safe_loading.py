@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import checkpoint
-from benchmarks.train import run
+from benchmarks.harness import checkpoint
+from benchmarks.harness.train import run
 
 from .conftest import REPO, assert_same_run, record
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import checkpoint, supervise
+from benchmarks.harness import checkpoint, supervise
+from benchmarks.harness.train import run
 from benchmarks.report.records import load_records
 from benchmarks.report.tables import footnotes
-from benchmarks.train import run
 
 from .conftest import in_child, record
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import supervise
-from benchmarks.train import run
+from benchmarks.harness import supervise
+from benchmarks.harness.train import run
 
 from .conftest import TINY, cli, jobs, record
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from benchmarks import supervise
+from benchmarks.harness import supervise
 
 from .conftest import cli, record
 
@@ -130,7 +130,7 @@ def test_job_folders_are_reused_by_the_same_job_and_new_for_another(tmp_path: Pa
     """Property of ``${job_subdir:...}``: a job's folder is the numbered one whose recorded
     overrides are the same (in any order), else its own number if free, else a new number
     after every existing one (claimed exclusively)."""
-    from benchmarks.config import job_subdir
+    from benchmarks.harness.config import job_subdir
 
     sweep = tmp_path / "sweep"
     assert job_subdir(sweep, ["seed=0", "model=gaussian"], 0) == "0"

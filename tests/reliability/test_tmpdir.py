@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import checkpoint, records
+from benchmarks.harness import checkpoint
+from benchmarks.harness.train import run
+from benchmarks.records import files as records
 from benchmarks.report import _io as report_io
-from benchmarks.train import run
 
 from .conftest import record
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmarks import checkpoint
-from benchmarks.records import FAULT_ENV
+from benchmarks.harness import checkpoint
+from benchmarks.harness.train import run
+from benchmarks.records.files import FAULT_ENV
 from benchmarks.report import _io as report_io
-from benchmarks.train import run
 
 from .conftest import RUN_FILES, assert_same_run, in_child
 

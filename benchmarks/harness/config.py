@@ -2,7 +2,7 @@
 
 Every YAML file under ``conf/`` is merged onto one of these dataclasses, so a misspelt key or a
 value of the wrong type fails when Hydra composes the config, before any work is done. Checks of
-*values* (allowed names, ranges, data files) happen in :func:`benchmarks.train.validate`.
+*values* (allowed names, ranges, data files) happen in :func:`.validate.validate`.
 
 The estimator schemas are generated from the estimator registry: ``schema/estimator/<name>``
 has one field per option of ``estimators.get(name, ...)`` (typed by its default) plus the
@@ -38,7 +38,7 @@ SCHEDULE_KEYS: tuple[str, ...] = ("anneal_rate", "min_temperature", "anneal_ever
 
 @dataclass
 class ModelConfig:
-    """The VAE (``benchmarks.vae.VAE``)."""
+    """The VAE (``benchmarks.harness.vae.VAE``)."""
 
     family: str = "bernoulli"  # latent family: gaussian | bernoulli | categorical
     arch: str = "linear"  # linear (one linear map each way) | nonlinear (two hidden layers)
@@ -52,9 +52,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """The data set (``benchmarks.data``)."""
+    """The data set (``benchmarks.data.datasets``)."""
 
-    name: str = "mnist_subset"  # one of benchmarks.data.DATASETS
+    name: str = "mnist_subset"  # one of benchmarks.data.datasets.DATASETS
     root: Optional[str] = None  # data root for file-based sets; null: $GRADBENCH_DATA or cache
     binarization: str = "dynamic"  # dynamic (fresh draw per batch) | static (one fixed draw)
 
@@ -145,7 +145,7 @@ class Config:
     # rebar / relax; compiled / eager step times: results/throughput/overhead_cpu.md
     progress: str = "auto"  # tqdm bar: auto (TTY, not CI, not multirun) | true | false
     supervise: str = "auto"  # train in a child process that a hard crash cannot take down with
-    # the job: auto (in --multirun sweeps) | true | false (benchmarks.supervise)
+    # the job: auto (in --multirun sweeps) | true | false (benchmarks.harness.supervise)
 
 
 def has_temperature_buffer(name: str) -> bool:
@@ -305,7 +305,7 @@ def _unique_dir_resolver(path: str) -> str:
     """:func:`unique_dir` as the ``${unique_dir:...}`` resolver. Hydra may resolve the default
     directory while composing even when an override replaces it, so an unusable one is not
     an error here: its path comes back unclaimed, and the command fails on it only if it is
-    the directory it uses (``benchmarks.supervise.OutputDirCheck``, with one line naming it)."""
+    the directory it uses (:class:`.supervise.OutputDirCheck`, with one line naming it)."""
     try:
         return unique_dir(path)
     except OutputDirError:

@@ -14,7 +14,7 @@ a small problem and compares their mean with the *truth* the estimator declares
 - ``direction of grad E_q[f]``: for NVIL with ``normalize``, whose mean is the gradient times
   a positive scale; the row tests the mean's component orthogonal to the gradient.
 
-Prints the bias (as a z-score) and the variance. Run: ``python -m benchmarks.demo``
+Prints the bias (as a z-score) and the variance. Run: ``python -m benchmarks.cli.demo``
 (``gradbench-demo``); ``--replicates M`` (>= 2), ``--seed`` (>= 0).
 """
 

@@ -15,9 +15,10 @@ Three tests per estimator make the S = 8 cost interpretable:
   and, for pathwise estimators, z), the part of a call no estimator can avoid: its cost is
   linear in ``S`` (``S x B`` rows through a 200 x 784 matmul and 784 log-sigmoids each).
 
-Run: ``pytest benchmarks/bench_estimators.py --benchmark-enable --benchmark-json OUT.json``
-then ``python -m benchmarks.bench_summary OUT.json`` for the S=8 / S=1 cost ratios, the
-vectorized / looped ratio and the split into f and the estimator's own work.
+Run: ``pytest benchmarks/throughput/bench_estimators.py --benchmark-enable
+--benchmark-json OUT.json`` then ``python -m benchmarks.throughput.bench_summary OUT.json``
+for the S=8 / S=1 cost ratios, the vectorized / looped ratio and the split into f and the
+estimator's own work.
 """
 
 from __future__ import annotations

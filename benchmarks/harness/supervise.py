@@ -47,14 +47,9 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from benchmarks.records import (
-    RUN_JSON,
-    RunRecord,
-    atomic_write_bytes,
-    now_iso,
-    read_json,
-    write_json,
-)
+from benchmarks.harness.errors import UsageError
+from benchmarks.records.files import atomic_write_bytes, read_json, write_json
+from benchmarks.records.runs import RUN_JSON, RunRecord, now_iso
 
 try:
     import fcntl
@@ -74,11 +69,6 @@ SUPERVISOR_ENV = "GRADBENCH_SUPERVISOR_PID"
 LOCK = ".lock"
 #: Jobs of the last ``--multirun`` sweep that did not finish (set by :class:`SweepOutcome`).
 sweep_problems: list[str] = []
-
-
-class UsageError(Exception):
-    """A user error (an invalid option, a directory in use or held by another run): reported
-    as its message alone, without a traceback, and nothing is written into a run's records."""
 
 
 class RunDirBusyError(UsageError, RuntimeError):
@@ -497,7 +487,7 @@ class OutputDirCheck(Callback):
 
     @staticmethod
     def _check(path: str) -> None:
-        from benchmarks.config import OutputDirError, ensure_output_dir
+        from benchmarks.harness.config import OutputDirError, ensure_output_dir
 
         try:
             ensure_output_dir(str(path))

@@ -2,10 +2,10 @@
 
 Two modes::
 
-    python -m benchmarks.throughput_summary results/throughput/cpu.json
-    python -m benchmarks.throughput_summary --measure [--device cpu] [--out-dir results/throughput]
+    python -m benchmarks.throughput.summary results/throughput/cpu.json
+    python -m benchmarks.throughput.summary --measure [--device cpu] [--out-dir results/throughput]
 
-1. From a pytest-benchmark JSON of ``benchmarks/bench_throughput.py``: pairs every
+1. From a pytest-benchmark JSON of ``benchmarks/throughput/bench_throughput.py``: pairs every
    ``harness_step`` with the ``handwritten_step`` of the same case (estimator label, family,
    batch size, ``S``, architecture, device, threads) and prints a Markdown table of median
    times and their ratio. The two medians come from different moments of the run, so under a
@@ -173,7 +173,7 @@ def interleaved_ratio(
 #: the registry's too), reinforce also with the batch-mean baseline, rloo at ``S = 8`` and
 #: the Gumbel-softmax pair at ``tau = 0.5`` (as in the throughput suite); plus reparam on
 #: Gaussian latents for information. :func:`acceptance_cases` leaves out those without a
-#: hand-written version (:func:`benchmarks.handwritten.supports`): rebar and relax join once
+#: hand-written version (:func:`.handwritten_steps.supports`): rebar and relax join once
 #: theirs is there.
 ACCEPTANCE: list[tuple[str, dict[str, Any], str, int]] = [
     ("reinforce", {"baseline": "moving_average"}, "bernoulli", 1),
@@ -198,13 +198,13 @@ def acceptance_cases(device: str = "cpu", threads: int = 1) -> list[tuple[Any, f
     :data:`ACCEPTANCE` with a hand-written version, on the linear Bernoulli VAE at batch 100
     (<= 1.10) and 1024 (<= 1.05), rloo with ``S = 8`` (<= 1.10 at both sizes); reparam
     (Gaussian) without a target."""
-    from benchmarks import handwritten
-    from benchmarks.bench_throughput import make_case
+    from benchmarks.throughput import handwritten_steps
+    from benchmarks.throughput.bench_throughput import make_case
 
     out = []
     for batch, target in ((100, 1.10), (1024, 1.05)):
         for name, options, family, s in ACCEPTANCE:
-            if not handwritten.supports(name, family, options):
+            if not handwritten_steps.supports(name, family, options):
                 continue
             case = make_case(name, options, family, batch, s, "linear", device, threads)
             limit = None if family != "bernoulli" else (1.10 if name == "rloo" else target)
@@ -222,9 +222,14 @@ def measure(
     """Interleaved harness / hand-written ratios of :func:`acceptance_cases`, with provenance."""
     import torch
 
-    from benchmarks.allocator import retain_freed_memory
-    from benchmarks.bench_throughput import build, handwritten_step, harness_step, torch_threads
-    from benchmarks.records import git_state, versions
+    from benchmarks.harness.allocator import retain_freed_memory
+    from benchmarks.records.runs import git_state, versions
+    from benchmarks.throughput.bench_throughput import (
+        build,
+        handwritten_step,
+        harness_step,
+        torch_threads,
+    )
 
     machine = {
         "platform": platform.platform(),
@@ -289,7 +294,7 @@ def measure_compile(
     not compile and are left out."""
     import torch
 
-    from benchmarks.bench_throughput import (
+    from benchmarks.throughput.bench_throughput import (
         build,
         compiles,
         harness_step,
@@ -345,7 +350,7 @@ def overhead_markdown(report: dict[str, Any]) -> str:
         "- CPU allocator: "
         + (
             f"{malloc['malloc']}, mmap threshold {malloc['mmap_threshold'] >> 20} MiB, trim "
-            f"threshold {malloc['trim_threshold'] >> 20} MiB (`benchmarks/allocator.py`)"
+            f"threshold {malloc['trim_threshold'] >> 20} MiB (`benchmarks/harness/allocator.py`)"
             if malloc
             else "system defaults"
         )
@@ -429,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def write_overhead(stem: Path, report: dict[str, Any]) -> None:
     """``report`` as ``<stem>.json`` and its table as ``<stem>.md``, each replaced atomically."""
-    from benchmarks.records import atomic_write_bytes, write_json
+    from benchmarks.records.files import atomic_write_bytes, write_json
 
     write_json(stem.with_suffix(".json"), report)
     atomic_write_bytes(stem.with_suffix(".md"), overhead_markdown(report).encode())

@@ -4,7 +4,7 @@
     gradbench-data list [--root DIR]
 
 Files go to ``<root>/<name>/`` (``root`` defaults to ``$GRADBENCH_DATA`` or
-``~/.cache/gradbench``), which is where ``benchmarks.data.load_dataset`` reads them. Downloads
+``~/.cache/gradbench``), which is where :func:`.datasets.load_dataset` reads them. Downloads
 use urllib only, are written atomically (a temporary file in the destination directory, then
 ``os.replace``) and are checked against the published MD5 where one is known (the table below,
 as listed by torchvision). For a file without a published checksum (Omniglot's
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.data import (
+from benchmarks.data.datasets import (
     BUILTIN,
     DATASETS,
     IDX_FILES,
@@ -38,7 +38,7 @@ from benchmarks.data import (
     download_command,
     load_dataset,
 )
-from benchmarks.records import atomic_write_bytes
+from benchmarks.records.files import atomic_write_bytes
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"

@@ -1,6 +1,6 @@
 r"""Hand-written REBAR and RELAX steps: the yardstick of ``estimators/control_variate.py``.
 
-The same VAE as :mod:`benchmarks.handwritten` with the conditional-relaxation control variates
+The same VAE as :mod:`.handwritten` with the conditional-relaxation control variates
 written inline from the papers (pytorch/examples style: ``F.linear``, ``torch.rand``, no
 ``torch.distributions``). With logits ``theta``, uniforms ``u, v`` and ``b = H(z)``:
 
@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.handwritten import HandwrittenStep, linear_init, mlp, unsupported
+from benchmarks.throughput import handwritten
+from benchmarks.throughput.handwritten import HandwrittenStep, linear_init, mlp, unsupported
 
 #: Estimator name -> latent families with a hand-written version.
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -56,6 +57,9 @@ OPTIONS: dict[str, frozenset[str]] = {
     "relax": frozenset({"temperature", "eta", "hidden", "input_dim"}),
 }
 
+handwritten.WRITTEN.update(SUPPORTED)
+handwritten.OPTION_NOTES.append(f"rebar / relax options: {', '.join(sorted(OPTIONS['relax']))}")
+
 
 def supports(name: str, family: str, options: dict | None = None) -> bool:
     """Whether a hand-written version of estimator ``name`` with ``options`` exists."""
@@ -66,12 +70,14 @@ def supports(name: str, family: str, options: dict | None = None) -> bool:
 class HandwrittenControlVariateStep(HandwrittenStep):
     """One VAE training step with hand-written REBAR or RELAX: ``step(x) -> loss``.
 
-    Same constructor as :class:`~benchmarks.handwritten.HandwrittenStep`; ``estimator`` is
+    Same constructor as :class:`.handwritten.HandwrittenStep`; ``estimator`` is
     ``rebar`` or ``relax`` with options ``temperature``, ``eta`` (and ``hidden``,
     ``input_dim`` for RELAX), which only set the initial parameters when
     ``estimator_params`` is empty. :meth:`loss` is ``estimate_loss``'s loss
     ``-(1/B) sum_b surrogate_b + aux_loss`` (the value of ``aux_loss`` is ``||g||^2``).
     """
+
+    supported = staticmethod(supports)
 
     def __init__(
         self,

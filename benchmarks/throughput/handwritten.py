@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,52 +62,27 @@ BASELINES: tuple[str, ...] = ("none", "moving_average", "batch_mean")
 SAMPLED_KL = ("reinforce", "rloo", "nvil", "vimco")
 
 
-#: Estimators written in :mod:`benchmarks.handwritten_control_variate` (a subclass).
-CONTROL_VARIATE = ("rebar", "relax")
+#: What is hand-written (estimator: families), here and in the modules that extend this one
+#: (:mod:`.handwritten_control_variate` adds REBAR and RELAX when imported); for messages.
+WRITTEN: dict[str, tuple[str, ...]] = dict(SUPPORTED)
+#: Option notes of the extending modules, for messages.
+OPTION_NOTES: list[str] = [f"reinforce baselines: {', '.join(BASELINES)}"]
 
 
 def supports(name: str, family: str, options: dict | None = None) -> bool:
-    """Whether a hand-written version of estimator ``name`` with ``options`` exists (here or,
-    for REBAR and RELAX, in :mod:`benchmarks.handwritten_control_variate`)."""
-    if name in CONTROL_VARIATE:
-        from benchmarks import handwritten_control_variate
-
-        return handwritten_control_variate.supports(name, family, options)
+    """Whether this module writes estimator ``name`` with ``options`` by hand (REBAR and RELAX
+    are in :mod:`.handwritten_control_variate`; :mod:`.handwritten_steps` asks both)."""
     baseline = (options or {}).get("baseline", "none")
     return family in SUPPORTED.get(name, ()) and baseline in BASELINES
 
 
 def unsupported(estimator: str, family: str, options: dict) -> ValueError:
-    """The error for a step :func:`supports` refuses, naming what is hand-written."""
-    from benchmarks import handwritten_control_variate as cv
-
-    written = {**SUPPORTED, **cv.SUPPORTED}
-    listing = "; ".join(f"{name}: {', '.join(fams)}" for name, fams in sorted(written.items()))
+    """The error for a step that is not hand-written, naming what is."""
+    listing = "; ".join(f"{name}: {', '.join(fams)}" for name, fams in sorted(WRITTEN.items()))
     return ValueError(
         f"no hand-written {estimator} with options {options} for family {family!r}; "
-        f"hand-written (estimator: families): {listing}; reinforce baselines: "
-        f"{', '.join(BASELINES)}; rebar / relax options: {', '.join(sorted(cv.OPTIONS['relax']))}"
+        f"hand-written (estimator: families): {listing}; {'; '.join(OPTION_NOTES)}"
     )
-
-
-def make_step(
-    params: Sequence[Tensor],
-    family: str,
-    latent_dim: int,
-    n_categories: int,
-    estimator: str,
-    **kwargs: Any,
-) -> HandwrittenStep:
-    """The hand-written step of ``estimator``: :class:`HandwrittenStep`, or for REBAR and
-    RELAX its subclass ``HandwrittenControlVariateStep``; keyword arguments as for
-    :class:`HandwrittenStep`."""
-    if estimator in CONTROL_VARIATE:
-        from benchmarks import handwritten_control_variate as cv
-
-        return cv.HandwrittenControlVariateStep(
-            params, family, latent_dim, n_categories, estimator, **kwargs
-        )
-    return HandwrittenStep(params, family, latent_dim, n_categories, estimator, **kwargs)
 
 
 def mlp(h: Tensor, layers: Sequence[Tensor]) -> Tensor:
@@ -130,7 +104,7 @@ def linear_init(fan_in: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
 class HandwrittenStep:
     """One training step of the VAE with a hand-written estimator: ``step(x) -> loss``.
 
-    ``loss = -(1/B) sum_b surrogate_b + aux_loss`` (as in ``benchmarks.train.estimate_loss``;
+    ``loss = -(1/B) sum_b surrogate_b + aux_loss`` (as in :func:`.harness.step.estimate_loss`;
     ``aux_loss`` is NVIL's baseline loss, zero otherwise), then ``zero_grad``, ``backward`` and
     an Adam step. :meth:`loss` alone is the forward pass.
 
@@ -150,6 +124,9 @@ class HandwrittenStep:
         ``nn.Linear``'s initialization with ``hidden`` units).
     """
 
+    #: Which estimators this class writes by hand (a subclass writes others).
+    supported = staticmethod(supports)
+
     def __init__(
         self,
         params: Sequence[Tensor],
@@ -167,7 +144,7 @@ class HandwrittenStep:
         kl: str = "analytic",
     ) -> None:
         options = dict(options or {})
-        if not supports(estimator, family, options):
+        if not self.supported(estimator, family, options):
             raise unsupported(estimator, family, options)
         if kl not in ("analytic", "sampled") or (kl == "sampled" and estimator not in SAMPLED_KL):
             raise ValueError(

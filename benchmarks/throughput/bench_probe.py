@@ -2,7 +2,7 @@
 
 Linear Bernoulli VAE (784-200) at batch 100, REINFORCE with a moving-average baseline, on
 the available devices. The speed-up is the ratio of the two medians of one run:
-``pytest benchmarks/bench_probe.py --benchmark-enable --benchmark-json OUT.json``.
+``pytest benchmarks/throughput/bench_probe.py --benchmark-enable --benchmark-json OUT.json``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import estimators
-from benchmarks.probe import gradient_moments, gradient_moments_loop
-from benchmarks.vae import VAE
+from benchmarks.harness.vae import VAE
+from benchmarks.probe.moments import gradient_moments, gradient_moments_loop
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -1,7 +1,7 @@
 """Throughput suite: the harness's training step against a hand-written PyTorch step.
 
 For each case (estimator x family x batch size x ``S`` x architecture x device x threads) on
-the VAE of :mod:`benchmarks.vae` (784 pixels; 200 Bernoulli or Gaussian latents, or 20
+the VAE of :mod:`benchmarks.harness.vae` (784 pixels; 200 Bernoulli or Gaussian latents, or 20
 categorical variables of 10 classes; hidden width 200 for ``nonlinear``) it times these
 functions (``kind``), one pytest-benchmark test each, ``test_throughput[<kind>-<case>]``
 (the benchmark ``group`` is the kind); a case's kinds run one after the other, the harness
@@ -17,15 +17,16 @@ step right before its hand-written reference:
   ``estimate_loss`` under ``torch.compile``, for representative cases with a hand-written
   step (on CPU it took 0.72-0.82x the eager step's time in our measurement);
 - ``handwritten_step``: the same training step written by hand
-  (:class:`benchmarks.handwritten.HandwrittenStep`; only estimators it implements), marked
+  (:class:`.handwritten.HandwrittenStep`; only estimators it implements), marked
   ``reference`` so that reports show ``harness_step / handwritten_step`` as the overhead.
 
 Run::
 
-    pytest benchmarks/bench_throughput.py --benchmark-enable \\
+    pytest benchmarks/throughput/bench_throughput.py --benchmark-enable \\
         --benchmark-json results/throughput/cpu.json
-    GRADBENCH_BENCH_FULL=1 pytest benchmarks/bench_throughput.py --benchmark-enable ...
-    GRADBENCH_BENCH_THREADS=1,2 pytest benchmarks/bench_throughput.py --benchmark-enable ...
+    GRADBENCH_BENCH_FULL=1 pytest benchmarks/throughput/bench_throughput.py --benchmark-enable ...
+    GRADBENCH_BENCH_THREADS=1,2 pytest benchmarks/throughput/bench_throughput.py \
+        --benchmark-enable ...
 
 By default a representative subset runs (:func:`default_cases`): every estimator and family
 at batch 100, ``S = 1`` (``S = 8`` for rloo, at least the estimator's minimum), linear; plus a
@@ -52,7 +53,7 @@ Each benchmark's ``extra_info`` (when benchmarks are enabled) records the case, 
   call, minus what was allocated before it) and ``cuda_max_allocated_bytes``.
 
 The ratios from separate pytest-benchmark tests drift with the machine's load; for the
-acceptance ratios ``python -m benchmarks.throughput_summary --measure`` times harness and
+acceptance ratios ``python -m benchmarks.throughput.summary --measure`` times harness and
 hand-written steps interleaved.
 """
 
@@ -73,17 +74,16 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 import estimators
-from benchmarks import handwritten
-from benchmarks.probe import gradient_moments
-from benchmarks.train import (
+from benchmarks.harness.build import estimator_label, make_optimizer
+from benchmarks.harness.step import (
     backward_inputs,
     compiled_estimate_loss,
     estimate_loss,
-    estimator_label,
-    make_optimizer,
     optimizer_step,
 )
-from benchmarks.vae import VAE
+from benchmarks.harness.vae import VAE
+from benchmarks.probe.moments import gradient_moments
+from benchmarks.throughput import handwritten_steps
 
 DATA_DIM = 784
 HIDDEN_DIM = 200
@@ -151,8 +151,8 @@ class Case:
 
     @property
     def has_handwritten(self) -> bool:
-        """Whether :mod:`benchmarks.handwritten` implements this estimator and family."""
-        return handwritten.supports(self.estimator, self.family, self.opts)
+        """Whether :mod:`.handwritten` implements this estimator and family."""
+        return handwritten_steps.supports(self.estimator, self.family, self.opts)
 
 
 def make_case(
@@ -272,7 +272,7 @@ def build(case: Case, seed: int = 0) -> Setup:
     x = x.float().to(device)
     kl = "sampled" if est.objective_kind == "iwae" else KL  # VIMCO trains only with sampled
     if any(torch.nn.parameter.is_lazy(p) for p in est.parameters()):
-        from benchmarks.train import materialize_lazy
+        from benchmarks.harness.build import materialize_lazy
 
         materialize_lazy(est, model, x, kl)
     optimizer, fused = make_optimizer([*model.parameters(), *est.parameters()], OPTIM)
@@ -346,7 +346,7 @@ def handwritten_step(s: Setup) -> Callable[[], Tensor]:
     """The hand-written training step of the same model (a copy of its parameters)."""
     case = s.case
     latent_dim, n_categories = LATENTS[case.family]
-    step = handwritten.make_step(
+    step = handwritten_steps.make_step(
         [p.detach().clone() for p in s.model.parameters()],
         case.family,
         latent_dim,

@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.records import METRICS, atomic_write, file_sha256, quarantine
+from benchmarks.records.files import atomic_write, file_sha256, quarantine
+from benchmarks.records.runs import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -1,23 +1,11 @@
-"""CPU memory allocator settings for training and benchmark processes.
-
-A training step on CPU allocates and frees the same large temporaries at every step (at batch
-1024 a ``[S, B, 784]`` tensor is 3 MB; Gumbel-Rao's ``[K, S, B, L]`` noise is 8 MB). glibc's
-``malloc`` serves blocks above its mmap threshold with fresh ``mmap`` pages and returns the top
-of the heap to the system above its trim threshold, so such tensors are page-faulted in again
-at every step: measured on 2 cores, 8-10% of a batch-1024 step of REINFORCE and 22% of
-Gumbel-Rao's. :func:`retain_freed_memory` raises both thresholds so that freed memory stays in
-the process and is reused; batch-100 steps are unaffected. ``GRADBENCH_MALLOC=system`` keeps
-glibc's defaults.
-
-Measure the effect (harness training steps, each setting in its own processes, alternated)::
-
-    python -m benchmarks.allocator [--repeats 3] [--out results/throughput/allocator_cpu.md]
+"""``python -m benchmarks.throughput.allocator``: harness step times in fresh processes with
+glibc's default allocator settings and with freed memory retained
+(:func:`benchmarks.harness.allocator.retain_freed_memory`), alternating the settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import statistics
@@ -25,51 +13,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-#: ``mallopt`` parameter numbers (glibc ``malloc.h``).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-#: Blocks up to this size come from the heap (glibc's largest allowed value on 64-bit).
-MMAP_THRESHOLD = 32 * 2**20
-#: Free memory at the top of the heap kept by the process before returning it to the system.
-TRIM_THRESHOLD = 512 * 2**20
-
-_applied: dict[str, Any] | None = None
-
-
-def retain_freed_memory() -> dict[str, Any] | None:
-    """Set glibc's mmap threshold to :data:`MMAP_THRESHOLD` and its trim threshold to
-    :data:`TRIM_THRESHOLD` for this process, so that freed tensors' memory is reused rather
-    than unmapped and page-faulted in again.
-
-    Returns the settings applied (``{"malloc": "glibc <version>", "mmap_threshold": ...,
-    "trim_threshold": ...}``, also on repeated calls), or ``None`` where nothing is changed:
-    the C library is not glibc (macOS, musl, Windows), or ``GRADBENCH_MALLOC=system``.
-    """
-    global _applied
-    if _applied is not None:
-        return _applied
-    if os.environ.get("GRADBENCH_MALLOC", "") == "system":
-        return None
-    libc, version = platform.libc_ver()
-    if platform.system() != "Linux" or libc != "glibc":
-        return None
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    ):
-        return None
-    _applied = {
-        "malloc": f"glibc {version}",
-        "mmap_threshold": MMAP_THRESHOLD,
-        "trim_threshold": TRIM_THRESHOLD,
-    }
-    return _applied
-
+from benchmarks.harness.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 
 # ----------------------------------------------------------------------------- measurement
 
@@ -79,8 +24,8 @@ CASES = (("reinforce", 100), ("reinforce", 1024), ("gumbel_softmax", 1024), ("gu
 _TIME_STEPS = """
 import statistics, sys, time
 import torch
-from benchmarks.allocator import retain_freed_memory
-from benchmarks.bench_throughput import build, harness_step, make_case
+from benchmarks.harness.allocator import retain_freed_memory
+from benchmarks.throughput.bench_throughput import build, harness_step, make_case
 retain_freed_memory()
 torch.set_num_threads(1)
 name, batch = sys.argv[1], int(sys.argv[2])
@@ -122,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         "# Harness step time: glibc malloc defaults vs freed memory retained",
         "",
-        f"`python -m benchmarks.allocator --repeats {args.repeats}`: linear Bernoulli VAE, "
+        f"`python -m benchmarks.throughput.allocator --repeats {args.repeats}`: "
+        "linear Bernoulli VAE, "
         "1 torch thread, default estimator options; median over 7 blocks of about 0.3 s in "
         f"each of {args.repeats} fresh processes per setting (alternated), median over "
         "processes. Retained: mmap threshold "
@@ -147,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines.append("- load average after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(lines[-1])
     if args.out:
-        from benchmarks.records import atomic_write_bytes
+        from benchmarks.records.files import atomic_write_bytes
 
         atomic_write_bytes(Path(args.out), ("\n".join(lines) + "\n").encode())
     return 0

@@ -21,7 +21,7 @@ comparable across runs and estimators.
 | `synthetic`     | a fixed sigmoid belief network (12 bits) | 2,000 / 500 / 500      | 8x8   |
 
 File-based sets are fetched with ``gradbench-data download <name> --root <root>``
-(``benchmarks.download``).
+(``benchmarks.data.download``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Summarize a micro-benchmark JSON (``benchmarks/bench_estimators.py``).
+"""Summarize a micro-benchmark JSON (``benchmarks/throughput/bench_estimators.py``).
 
 Per estimator (medians of pytest-benchmark):
 
@@ -10,7 +10,7 @@ Per estimator (medians of pytest-benchmark):
 - ``f S=8 / S=1``: the same ratio for f and its backward alone, the part no estimator can
   avoid (linear in S): where f dominates, no call can scale much better than this.
 
-Usage: ``python -m benchmarks.bench_summary OUT.json``.
+Usage: ``python -m benchmarks.throughput.bench_summary OUT.json``.
 """
 
 from __future__ import annotations
