@@ -55,6 +55,15 @@ HYDRA_DIR = ".hydra"
 _exit: list[tuple[int, str]] = []
 
 
+def detach_log_files(run_dir: Path) -> None:
+    """Stop logging into files inside ``run_dir`` (Hydra's ``train.log``), closing them."""
+    root, where = logging.getLogger(), run_dir.resolve()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == where:
+            root.removeHandler(handler)
+            handler.close()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> str:
     """The Hydra app: one run in Hydra's output directory (a job directory in a sweep),
@@ -79,9 +88,12 @@ def app(cfg: DictConfig) -> str:
         record = RunRecord.load(run_dir / RUN_JSON)
         reason = record.data.get("reason") if record is not None else None
     except (supervise.UsageError, supervise.RunFailedError) as err:
-        status, reason = "refused" if isinstance(err, supervise.UsageError) else "failed", str(err)
+        refused = isinstance(err, supervise.UsageError)
+        status, reason = "refused" if refused else "failed", str(err)
+        if refused:  # the directory is not this command's: its log stays as it was
+            detach_log_files(run_dir)
         if multirun:
-            log.error("refused: %s", reason)
+            log.error("%s: %s", status, reason)
         else:
             _exit.append((1, f"error: {reason}"))
         return status

@@ -19,11 +19,11 @@ SHORT = ("experiment=debug", "steps=3", "checkpoint_every=3", "eval.every=3", "d
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
-    """Every record of a run directory (Hydra's and the run's) but the log."""
+    """Every file of a run directory (Hydra's records, the run's and its log) but the lock."""
     return {
         str(p.relative_to(run_dir)): p.read_bytes()
         for p in sorted(run_dir.rglob("*"))
-        if p.is_file() and p.name not in ("train.log", ".lock")
+        if p.is_file() and p.name != ".lock"
     }
 
 
