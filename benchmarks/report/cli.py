@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.report._io import write_text
+from benchmarks.records.files import write_text
 from benchmarks.report.records import (
     FACET_COLUMNS,
     INFRASTRUCTURE_KEYS,
@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics, runs, throughput, style, out / "figures", args.n_boot, args.seed, overhead
     )
     write_text(out / "figures" / "palette.json", palette_json(style, figures))
-    tables, _ = all_tables(metrics, runs, throughput, out / "tables", args.seed, overhead)
+    tables, _ = all_tables(metrics, runs, throughput, out / "tables", overhead)
     write_text(out / "runs.csv", runs.drop(columns=["config"]).to_csv(index=False))
     report = write_report_md(out, argv, args.paths, runs, figures, tables, sweeps)
     n_bad = int((runs["status"] != "completed").sum())

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from benchmarks.report._io import atomic_write
+from benchmarks.records.files import atomic_write
 from benchmarks.report.records import (
     FACET_COLUMNS,
     config_value,
@@ -219,7 +219,9 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     files = []
     for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None})):
         path = out_dir / f"{name}.{ext}"
-        atomic_write(path, lambda tmp, m=meta: fig.savefig(tmp, dpi=DPI, metadata=m))
+        atomic_write(
+            path, lambda fh, e=ext, m=meta: fig.savefig(fh, format=e, dpi=DPI, metadata=m)
+        )
         files.append(path)
         fig.set_layout_engine("none")  # keep the layout computed for the PNG; it is the same
     return files

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import ttest_ind
 
-from benchmarks.report._io import write_text
+from benchmarks.records.files import write_text
 from benchmarks.report.records import (
     FACET_COLUMNS,
     QUANTITIES,
@@ -60,30 +61,17 @@ def tex_escape(text: object) -> str:
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-def welch_p(a: Sequence[float], b: Sequence[float], seed: int = 0, n_boot: int = 10_000) -> float:
-    """Two-sided p-value for equal means without assuming equal variances.
-
-    Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) when scipy is importable; else
-    a seeded bootstrap test of the mean difference (both samples shifted to the pooled mean).
-    NaN when a sample has fewer than 2 values or both have zero variance.
-    """
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value for equal means without assuming equal variances: Welch's t-test
+    (``scipy.stats.ttest_ind(equal_var=False)``). NaN when a sample has fewer than 2 values
+    or both have zero variance."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
         return math.nan
-    try:
-        from scipy.stats import ttest_ind
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        pooled = np.concatenate([a, b]).mean()
-        a0, b0 = a - a.mean() + pooled, b - b.mean() + pooled
-        ma = rng.choice(a0, (n_boot, len(a))).mean(axis=1)
-        mb = rng.choice(b0, (n_boot, len(b))).mean(axis=1)
-        observed = abs(a.mean() - b.mean())
-        return float((np.sum(np.abs(ma - mb) >= observed) + 1) / (n_boot + 1))
     return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def summary_stats(fv: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+def summary_stats(fv: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (ddof=1), n, best flag, difference from best and Welch p per group/quantity.
 
     ``fv`` is the output of ``records.final_values``. One row per (family, model, dataset,
@@ -106,7 +94,7 @@ def summary_stats(fv: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         best_values = block.loc[block["best"], "values"].iloc[0]
         block["delta"] = block["mean"] - best_mean
         block["p"] = [
-            math.nan if is_best else welch_p(v, best_values, seed)
+            math.nan if is_best else welch_p(v, best_values)
             for v, is_best in zip(block["values"], block["best"], strict=True)
         ]
         out.append(block)
@@ -448,12 +436,11 @@ def all_tables(
     runs: pd.DataFrame,
     throughput: pd.DataFrame | None,
     out_dir: Path,
-    seed: int = 0,
     overhead: pd.DataFrame | None = None,
 ) -> tuple[list[TableResult], pd.DataFrame]:
     """Every table of a report, and the statistics behind them (also ``summary_stats.csv``)."""
     fv = final_values(df)
-    stats = summary_stats(fv, seed)
+    stats = summary_stats(fv)
     write_text(out_dir / "final_values.csv", fv.to_csv(index=False))
     write_text(out_dir / "summary_stats.csv", stats.to_csv(index=False))
     results = [summary_table(stats, runs, out_dir)]

@@ -108,12 +108,15 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
 def bootstrap_median_ci(
     values: Sequence[float], n_boot: int = 4000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the median of ``values`` (resampling the values)."""
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    medians = np.median(v[rng.integers(0, len(v), (n_boot, len(v)))], axis=1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(medians, alpha)), float(np.quantile(medians, 1 - alpha))
+    """Percentile-bootstrap interval of the median of ``values`` (``scipy.stats.bootstrap``,
+    resampling the values; seeded, so the interval is reproducible)."""
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        (np.asarray(values, dtype=float),), np.median, n_resamples=n_boot,
+        confidence_level=level, method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def interleaved_ratio(
