@@ -191,15 +191,8 @@ def _multirun_yaml(sweep: Path, task: list[str], name: str = "multirun.yaml") ->
     (sweep / name).write_text(yaml.safe_dump(conf))
 
 
-def make_sweeps(root: Path) -> tuple[Path, Path, Path, Path]:
-    """Two sweeps, one single run directory and a pytest-benchmark JSON.
-
-    Main sweep (``estimator=gumbel_softmax,rloo seed=0,1,2,3``, 8 jobs): seeds 0, 1 completed
-    for both; gumbel_softmax seed 2 diverged, seed 3 never launched (no dir); rloo seed 2
-    failed (no metrics), seed 3 has a job dir without run.json. Temperature sweep: gumbel_softmax
-    with τ=0.5, seeds 0 and 1 completed (metrics as CSV). Single run: reparam on another
-    (family, model, dataset), one seed.
-    """
+def _main_sweep(root: Path) -> Path:
+    """The main sweep of :func:`make_sweeps` (8 jobs, every status)."""
     sweep = root / "sweep"
     sweep.mkdir()
     _multirun_yaml(sweep, ["estimator=gumbel_softmax,rloo", "seed=0,1,2,3"])
@@ -229,6 +222,11 @@ def make_sweeps(root: Path) -> tuple[Path, Path, Path, Path]:
             )
         elif (est, seed) == ("rloo", 3):
             _write_run(job, ovs, None, None)
+    return sweep
+
+
+def _tau_sweep(root: Path) -> Path:
+    """The temperature sweep of :func:`make_sweeps` (metrics as CSV)."""
     tau_sweep = root / "sweep_tau"
     tau_sweep.mkdir()
     _multirun_yaml(
@@ -244,6 +242,11 @@ def make_sweeps(root: Path) -> tuple[Path, Path, Path, Path]:
             _metrics(rid, "gumbel_softmax", GS05, seed),
             csv=True,
         )
+    return tau_sweep
+
+
+def _bench_json(root: Path) -> Path:
+    """A pytest-benchmark JSON: harness steps of two estimators and the reference step."""
     benches = []
     for kind in ("train_step", "reference_step"):
         for label, est in ((GS1, "gumbel_softmax"), (RLOO, "rloo"), (None, None)):
@@ -268,8 +271,21 @@ def make_sweeps(root: Path) -> tuple[Path, Path, Path, Path]:
                         },
                     }
                 )
-    bench = root / "bench.json"
-    bench.write_text(json.dumps({"machine_info": {}, "benchmarks": benches}))
+    path = root / "bench.json"
+    path.write_text(json.dumps({"machine_info": {}, "benchmarks": benches}))
+    return path
+
+
+def make_sweeps(root: Path) -> tuple[Path, Path, Path, Path]:
+    """Two sweeps, one single run directory and a pytest-benchmark JSON.
+
+    Main sweep (``estimator=gumbel_softmax,rloo seed=0,1,2,3``, 8 jobs): seeds 0, 1 completed
+    for both; gumbel_softmax seed 2 diverged, seed 3 never launched (no dir); rloo seed 2
+    failed (no metrics), seed 3 has a job dir without run.json. Temperature sweep: gumbel_softmax
+    with τ=0.5, seeds 0 and 1 completed (metrics as CSV). Single run: reparam on another
+    (family, model, dataset), one seed.
+    """
+    sweep, tau_sweep, bench = _main_sweep(root), _tau_sweep(root), _bench_json(root)
     single = root / "single_run"
     _write_run(
         single,
