@@ -20,6 +20,7 @@ import estimators
 from benchmarks.probe.reference import reference_method
 from benchmarks.probe.runner import ProbeRunner, build_estimator, eval_binarized_probe_batch
 from benchmarks.probe.trajectory import TRAJECTORY_FILE, ranking_table, warm_up
+from benchmarks.report.tables import markdown_table
 from estimators.exact import MAX_CONFIGS, num_configurations
 
 
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The output is replaced only by a complete result: the ranking is built (and the rows
     # serialized) before the file is written, atomically.
-    ranking = ranking_table(df).to_markdown(index=False)
+    ranking = markdown_table(ranking_table(df), floatfmt="g")
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     out = args.out or args.run_dir / TRAJECTORY_FILE

@@ -404,28 +404,35 @@ def benchmark_table(tp: pd.DataFrame | None, out_dir: Path) -> TableResult | Non
     )  # fmt: skip
 
 
+def overhead_frame(ov: pd.DataFrame) -> pd.DataFrame:
+    """The cells (text) of the overhead table, one row per case of ``ov`` (the columns of
+    :data:`records.OVERHEAD_COLUMNS` that a measurement's ``results`` hold)."""
+    rows = []
+    for r in ov.itertuples():
+        has_target = r.target is not None and not pd.isna(r.target)
+        ident = (r.label, r.family, r.batch_size, r.num_samples, r.device, r.threads)
+        rows.append(
+            [str(x) for x in ident]
+            + [
+                f"{r.harness_ms:.2f}",
+                f"{r.handwritten_ms:.2f}",
+                f"{r.ratio:.3f}",
+                f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                f"≤ {r.target:.2f}" if has_target else NA,
+                ("yes" if r.ratio <= r.target else "no") if has_target else NA,
+            ]
+        )
+    header = ["estimator", "family", "B", "S", "device", "threads", "harness (ms)",
+              "hand-written (ms)", "ratio", "95% CI", "target", "met"]  # fmt: skip
+    return pd.DataFrame(rows, columns=header)
+
+
 def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None:
     """The harness's overhead measured side by side (interleaved), with the targets."""
     if ov is None or ov.empty:
         return None
     ov = ov.sort_values(["device", "threads", "batch_size", "family", "label"])
-    cols = ["estimator", "family", "B", "S", "device", "threads"]
-    md_rows, tex_rows = [], []
-    for r in ov.itertuples():
-        ident = [str(x) for x in (r.label, r.family, r.batch_size, r.num_samples, r.device,
-                                  r.threads)]  # fmt: skip
-        has_target = r.target is not None and not pd.isna(r.target)
-        nums = [
-            f"{r.harness_ms:.2f}",
-            f"{r.handwritten_ms:.2f}",
-            f"{r.ratio:.3f}",
-            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
-            f"≤ {r.target:.2f}" if has_target else NA,
-            ("yes" if r.ratio <= r.target else "no") if has_target else NA,
-        ]
-        md_rows.append(ident + nums)
-        tex_rows.append([tex_escape(x) for x in ident + nums])
-    header = [*cols, "harness (ms)", "hand-written (ms)", "ratio", "95% CI", "target", "met"]
+    frame = overhead_frame(ov)
     sources = ", ".join(
         f"{src} ({date}, commit {str(commit)[:10]})"
         for src, date, commit in ov[["source", "date", "git_commit"]]
@@ -440,7 +447,8 @@ def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None
     )
     return _plain_table(
         "harness_overhead", "Harness overhead against a hand-written step (interleaved).",
-        header, md_rows, tex_rows, note, len(cols), out_dir,
+        list(frame.columns), frame.to_numpy().tolist(), frame.map(tex_escape).to_numpy().tolist(),
+        note, 6, out_dir,
     )  # fmt: skip
 
 
