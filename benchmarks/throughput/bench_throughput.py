@@ -470,7 +470,7 @@ GPU_MARKS = [
 CASES = selected_cases()
 BY_ID = {c.id: c for c in CASES}
 _FULL = os.environ.get("GRADBENCH_BENCH_FULL", "") not in ("", "0")
-#: torch.compile of the harness step (each compiles for ~5-25 s on CPU): representative cases
+#: torch.compile of the harness step (compiling each case takes a while): representative cases
 #: with a hand-written version, only with ``GRADBENCH_BENCH_COMPILE=1``.
 COMPILE = os.environ.get("GRADBENCH_BENCH_COMPILE", "") not in ("", "0")
 
