@@ -3,6 +3,11 @@
 A baseline maps per-sample values ``f`` of shape ``[S, *batch_shape]`` to a baseline of a
 shape that broadcasts against it, computed without looking at the sample it is subtracted
 from, so that ``E[(f - b) grad log q] = E[f grad log q]`` (the estimator stays unbiased).
+
+The pieces every score-function estimator builds its baseline from live here, once: the
+bias-corrected moving average (:func:`debiased`, :func:`update_average_`; REINFORCE's
+``moving_average`` and NVIL's running statistics) and the leave-one-out mean
+(:func:`leave_one_out_mean`; RLOO, VIMCO and ``batch_mean``).
 """
 
 from __future__ import annotations
