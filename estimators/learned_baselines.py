@@ -19,6 +19,7 @@ from estimators.base import (
     sample_score_inputs,
     score_surrogate,
 )
+from estimators.baselines import debiased, leave_one_out_mean, update_average_
 from estimators.registry import register
 
 
@@ -139,14 +140,13 @@ class NVIL(EstimatorBase):
         log_q, fz = sample_score_inputs(dist, f, num_samples)  # [S, *B] each
         fd = fz.detach()
         b = self.baseline(context, dist.batch_shape).to(fd.dtype)  # [*B] or []
-        # Bias-corrected running statistics; before the first update c = 0 (and v = 1). The
-        # clamped correction is 1e-30 there, so mean / correction = 0 needs no branch.
-        correction = (1.0 - self.decay**self.count).clamp_min(1e-30)
-        center = (self.mean / correction).to(fd.dtype)
+        # Bias-corrected running statistics; before the first update c = 0 (and v = 1).
+        center = debiased(self.mean, self.count, self.decay).to(fd.dtype)
         residual = fd - b.detach()  # [S, *B]
         signal = residual - center
         if self.normalize:  # the variance is kept (and used) only when normalizing
-            var = torch.where(self.count > 0, self.var / correction, 1.0).to(fd.dtype)
+            var = debiased(self.var, self.count, self.decay)
+            var = torch.where(self.count > 0, var, 1.0).to(fd.dtype)
             # Divide the whole gradient (value unchanged), not only the score term: f's own
             # gradient may reach q's parameters too (an analytic KL), and scaling only part of
             # the gradient would change its direction.
@@ -156,15 +156,13 @@ class NVIL(EstimatorBase):
             surrogate = score_surrogate(fz, log_q, signal).mean(0)
         aux_loss = (fd - center - b).pow(2).mean()  # reaches psi only
         if self.training:
-            with torch.no_grad():
-                a = 1.0 - self.decay
-                if self.normalize:
-                    var_r, mean_r = torch.var_mean(residual, unbiased=False)
-                    self.var.mul_(self.decay).add_(var_r, alpha=a)
-                else:
-                    mean_r = residual.mean()
-                self.mean.mul_(self.decay).add_(mean_r, alpha=a)
-                self.count.add_(1)
+            if self.normalize:
+                var_r, mean_r = torch.var_mean(residual, unbiased=False)
+                update_average_(self.var, var_r, self.decay)
+            else:
+                mean_r = residual.mean()
+            update_average_(self.mean, mean_r, self.decay)
+            self.count.add_(1)
         return Estimate(fd.mean(0), surrogate, aux_loss, num_samples)
 
     def extra_repr(self) -> str:
@@ -221,7 +219,7 @@ class VIMCO(EstimatorBase):
         log_s = math.log(num_samples)
         bound = torch.logsumexp(w, 0) - log_s  # [*B]; its gradient is sum_s w~_s grad w_s
         wd = w.detach()
-        loo_mean = (wd.sum(0, keepdim=True) - wd) / (num_samples - 1)  # [S, *B]
+        loo_mean = leave_one_out_mean(wd)  # [S, *B]
         # Row s: the log weights with w_s replaced by loo_mean_s, [S, S, *B].
         eye = torch.eye(num_samples, dtype=torch.bool, device=wd.device)
         eye = eye.reshape(num_samples, num_samples, *(1,) * (wd.dim() - 1))

@@ -3,8 +3,9 @@ Gumbel-Rao, and the perturbation helpers REBAR and RELAX share.
 
 Relaxed samples follow the law of ``torch.distributions.RelaxedBernoulli`` /
 ``RelaxedOneHotCategorical`` (``soften(perturb(logits))``: the same uniforms and formula),
-computed directly from the logits to skip those classes' probs -> logits round trip, which
-cost 10-20% of a training step; the tests pin the law by quadrature.
+computed directly from the logits to skip those classes' probs -> logits round trip and
+argument checks, a noticeable share of a small training step (the throughput suite measures
+it); the tests pin the law by quadrature.
 """
 
 from __future__ import annotations
@@ -31,16 +32,6 @@ def float_logits(dist: Distribution) -> tuple[Tensor, torch.dtype]:
     logits = base_of(dist).logits
     dtype = logits.dtype
     return (logits.float() if dtype in _UPCAST else logits), dtype
-
-
-def harden(y: Tensor, family: str) -> Tensor:
-    """The discrete sample whose relaxation is ``y``: ``y > 1/2`` or the one-hot argmax.
-
-    With Gumbel noise this is an exact sample of the unrelaxed distribution (Gumbel-max).
-    """
-    if family == "bernoulli":
-        return (y > 0.5).to(y.dtype)
-    return F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
 
 
 class GumbelSoftmax(EstimatorBase):
@@ -96,11 +87,10 @@ class GumbelSoftmax(EstimatorBase):
         context: Tensor | None,
     ) -> Estimate:
         logits, dtype = float_logits(dist)
-        # The reparameterized sample of RelaxedBernoulli / RelaxedOneHotCategorical (same
-        # uniforms, same formula), without their probs -> logits round trip and argument checks,
-        # which cost 10-20% of a training step at batch 100 (measured by the throughput suite).
+        # The reparameterized sample of RelaxedBernoulli / RelaxedOneHotCategorical, computed
+        # directly (see the module docstring).
         y = soften(perturb(logits, family, (num_samples,)), family, self.temperature.to(logits))
-        hard = harden(y.detach(), family)
+        hard = hard_of(y.detach(), family, threshold=0.5)
         if self.straight_through:
             fz = f((hard - y.detach() + y).to(dtype))  # forward: hard; backward: relaxed
             return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
@@ -147,10 +137,15 @@ def perturb(logits: Tensor, family: str, sample_shape: tuple[int, ...] = ()) -> 
     return logits + noise
 
 
-def hard_of(z: Tensor, family: str) -> Tensor:
-    """The discrete sample of perturbed logits: ``1[z > 0]`` or the one-hot argmax."""
+def hard_of(z: Tensor, family: str, threshold: float = 0.0) -> Tensor:
+    """The discrete sample of perturbed logits: ``1[z > 0]`` or the one-hot argmax.
+
+    With Gumbel (logistic) noise this is an exact sample of the unrelaxed distribution
+    (Gumbel-max). ``threshold=0.5`` takes the relaxed sample ``soften(z)`` instead of ``z``
+    (its Bernoulli threshold is 1/2; the argmax is the same).
+    """
     if family == "bernoulli":
-        return (z > 0).to(z.dtype)
+        return (z > threshold).to(z.dtype)
     return F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
 
 

@@ -13,7 +13,7 @@ from estimators.base import (
     sample_score_inputs,
     score_surrogate,
 )
-from estimators.baselines import make_baseline
+from estimators.baselines import leave_one_out_mean, make_baseline
 from estimators.registry import register
 
 
@@ -106,8 +106,7 @@ class RLOO(EstimatorBase):
     ) -> Estimate:
         log_q, fz = sample_score_inputs(dist, f, num_samples)  # [S, *B] each
         fd = fz.detach()
-        loo_mean = (fd.sum(0, keepdim=True) - fd) / (num_samples - 1)  # [S, *B]
-        surrogate = score_surrogate(fz, log_q, fd - loo_mean).mean(0)
+        surrogate = score_surrogate(fz, log_q, fd - leave_one_out_mean(fd)).mean(0)
         return Estimate(fd.mean(0), surrogate, None, num_samples)
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.distributions import Bernoulli, Independent, Normal, OneHotCategorical
 
 import estimators
+from benchmarks.report.tables import markdown_table
 
 EVENT = {"bernoulli": (4,), "categorical": (2, 3), "gaussian": (4,)}
 #: Option variants shown besides each estimator's defaults.
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print("max |z|: largest |mean - truth| / SE over coordinates; about 4.5 or less is")
     print("consistent with the declared property (Bonferroni, 1e-3); larger means a detectable")
     print("bias, as expected for the rows declared biased.\n")
-    print(table.to_markdown(index=False, floatfmt=".4g"))
+    print(markdown_table(table, floatfmt=".4g"), end="")
     return 0
 
 

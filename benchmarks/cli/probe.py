@@ -20,6 +20,7 @@ import estimators
 from benchmarks.probe.reference import reference_method
 from benchmarks.probe.runner import ProbeRunner, build_estimator, eval_binarized_probe_batch
 from benchmarks.probe.trajectory import TRAJECTORY_FILE, ranking_table, warm_up
+from benchmarks.report.tables import markdown_table
 from estimators.exact import MAX_CONFIGS, num_configurations
 
 
@@ -111,6 +112,71 @@ def check_reference_samples(method: str, reference_samples: int) -> None:
         ) from err
 
 
+def _load_run(run_dir: Path) -> tuple[dict, list[Path]]:
+    """``run_dir``'s ``run.json`` fields and its model snapshots, oldest first."""
+    from benchmarks.harness.train import SNAPSHOTS
+    from benchmarks.records.runs import RunRecord
+
+    record = RunRecord.load(run_dir / "run.json")
+    if record is None or "config" not in record.data:
+        raise FileNotFoundError(f"{run_dir / 'run.json'} not found or has no config")
+    snapshots = sorted((run_dir / SNAPSHOTS).glob("step_*.pt"))
+    if not snapshots:
+        raise FileNotFoundError(
+            f"no model snapshots in {run_dir / SNAPSHOTS}; train with snapshot_every=N"
+        )
+    return record.data, snapshots
+
+
+def _build_run(run_dir: Path, data: dict, specs: Sequence[str], device: torch.device):
+    """The run's ``(family, kl, seed)``, the ``(label, estimator)`` basket of ``specs``, the
+    run's model and its probe batch, on ``device``; a config that is not a gradbench-train
+    run's is a ``ValueError`` naming ``run.json``."""
+    from benchmarks.harness.build import build_model, estimator_label, load_data
+
+    try:  # a damaged or foreign run.json: a message naming it, not a traceback
+        cfg = OmegaConf.create(data["config"])
+        family, kl, run_seed = str(cfg.model.family), str(cfg.model.kl), int(cfg.seed)
+        basket = []
+        for i, spec in enumerate(specs):
+            entry = parse_estimator_spec(spec)
+            if entry["name"] in estimators.available():
+                entry = {**estimators.options(entry["name"]), **entry}
+            est = build_estimator(entry, family, f"--estimators[{i}]")
+            basket.append((entry.get("label") or estimator_label(entry, None), est))
+        dataset = load_data(cfg)
+        model = build_model(cfg, dataset).to(device)
+        batch = eval_binarized_probe_batch(cfg, dataset).to(device)
+    except (OmegaConfBaseException, TypeError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{run_dir / 'run.json'}: its config is not that of a gradbench-train run ({why})"
+        ) from err
+    basket = [(label, est.to(device)) for label, est in basket]
+    return (family, kl, run_seed), basket, model, batch
+
+
+def _check_reference(
+    reference: str, reference_samples: int, model, batch: torch.Tensor, family: str
+) -> None:
+    """The reference that depends on the model: ``auto``'s Monte Carlo estimator must accept
+    ``--reference-samples``; ``exact`` needs a latent space small enough to enumerate."""
+    if reference == "auto":  # which Monte Carlo reference, if any, depends on the model
+        method = reference_method(model, batch[:1])
+        if method != "exact":
+            check_reference_samples(method, reference_samples)
+    if reference == "exact":
+        with torch.no_grad():
+            q = model.distribution(model.encoder(batch[:1]))
+        n = num_configurations(q) if family in ("bernoulli", "categorical") else None
+        if n is None or n > MAX_CONFIGS:
+            size = "continuous" if n is None else f"more than {MAX_CONFIGS} configurations"
+            raise ValueError(
+                f"--reference=exact cannot enumerate this run's latent space ({family}, "
+                f"{size}); allowed here: auto, none or a registry name"
+            )
+
+
 def probe_trajectory(
     run_dir: Path,
     specs: Sequence[str],
@@ -131,62 +197,22 @@ def probe_trajectory(
     batch (the run's own probe batch). Returns tidy rows with the metrics columns.
     """
     from benchmarks.harness import checkpoint
-    from benchmarks.harness.build import build_model, estimator_label, load_data
-    from benchmarks.harness.train import SNAPSHOTS
-    from benchmarks.records.runs import COLUMNS, RunRecord
+    from benchmarks.records.runs import COLUMNS
 
     torch_device = check_arguments(
         num_estimates=num_estimates, reference=reference, reference_samples=reference_samples,
         reference_estimates=reference_estimates, groups=groups, chunk=chunk, device=device,
     )  # fmt: skip
-    record = RunRecord.load(run_dir / "run.json")
-    if record is None or "config" not in record.data:
-        raise FileNotFoundError(f"{run_dir / 'run.json'} not found or has no config")
-    snapshots = sorted((run_dir / SNAPSHOTS).glob("step_*.pt"))
-    if not snapshots:
-        raise FileNotFoundError(
-            f"no model snapshots in {run_dir / SNAPSHOTS}; train with snapshot_every=N"
-        )
-    try:  # a damaged or foreign run.json: a message naming it, not a traceback
-        cfg = OmegaConf.create(record.data["config"])
-        family, kl, run_seed = str(cfg.model.family), str(cfg.model.kl), int(cfg.seed)
-        basket = []
-        for i, spec in enumerate(specs):
-            entry = parse_estimator_spec(spec)
-            if entry["name"] in estimators.available():
-                entry = {**estimators.options(entry["name"]), **entry}
-            est = build_estimator(entry, family, f"--estimators[{i}]")
-            basket.append((entry.get("label") or estimator_label(entry, None), est))
-        data = load_data(cfg)
-        model = build_model(cfg, data).to(torch_device)
-        batch = eval_binarized_probe_batch(cfg, data).to(torch_device)
-    except (OmegaConfBaseException, TypeError) as err:
-        why = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(
-            f"{run_dir / 'run.json'}: its config is not that of a gradbench-train run ({why})"
-        ) from err
-    basket = [(label, est.to(torch_device)) for label, est in basket]
-    if reference == "auto":  # which Monte Carlo reference, if any, depends on the model
-        method = reference_method(model, batch[:1])
-        if method != "exact":
-            check_reference_samples(method, reference_samples)
-    if reference == "exact":
-        with torch.no_grad():
-            q = model.distribution(model.encoder(batch[:1]))
-        n = num_configurations(q) if family in ("bernoulli", "categorical") else None
-        if n is None or n > MAX_CONFIGS:
-            size = "continuous" if n is None else f"more than {MAX_CONFIGS} configurations"
-            raise ValueError(
-                f"--reference=exact cannot enumerate this run's latent space ({family}, "
-                f"{size}); allowed here: auto, none or a registry name"
-            )
+    data, snapshots = _load_run(run_dir)
+    (family, kl, run_seed), basket, model, batch = _build_run(run_dir, data, specs, torch_device)
+    _check_reference(reference, reference_samples, model, batch, family)
     runner = ProbeRunner(
         basket[1:], batch, num_estimates=num_estimates, groups=groups, chunk=chunk,
         reference=reference, reference_samples=reference_samples,
         reference_estimates=reference_estimates, kl=kl,
     )  # fmt: skip
     keys = ("run_id", "estimator", "estimator_label", "family", "dataset", "model")
-    identity = {k: record.data.get(k) for k in keys}
+    identity = {k: data.get(k) for k in keys}
     rows = []
     for path in snapshots:
         state = checkpoint.load(path)
@@ -247,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The output is replaced only by a complete result: the ranking is built (and the rows
     # serialized) before the file is written, atomically.
-    ranking = ranking_table(df).to_markdown(index=False)
+    ranking = markdown_table(ranking_table(df), floatfmt="g")
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     out = args.out or args.run_dir / TRAJECTORY_FILE

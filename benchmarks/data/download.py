@@ -5,13 +5,14 @@
 
 Files go to ``<root>/<name>/`` (``root`` defaults to ``$GRADBENCH_DATA`` or
 ``~/.cache/gradbench``), which is where :func:`.datasets.load_dataset` reads them. Downloads
-use urllib only, are written atomically (a temporary file in the destination directory, then
-``os.replace``) and are checked against the published MD5 where one is known (the table below,
-as listed by torchvision). For a file without a published checksum (Omniglot's
-``chardata.mat``) the SHA-256 is printed and recorded in ``<file>.sha256`` instead. A file
-already present is checked again on every ``download``: against its published checksum, else
-its recorded SHA-256 (a later download must match the record; ``--force`` accepts and records
-a new one), else by loading it; a file that fails is downloaded again.
+use urllib only, are written atomically (by :func:`benchmarks.records.files.atomic_write`: a
+temporary file in the destination directory, then ``os.replace``) and are checked against the
+published MD5 where one is known (the table below, as listed by torchvision). For a file
+without a published checksum (Omniglot's ``chardata.mat``) the SHA-256 is printed and recorded
+in ``<file>.sha256`` instead. A file already present is checked again on every ``download``:
+against its published checksum, else its recorded SHA-256 (a later download must match the
+record; ``--force`` accepts and records a new one), else by loading it; a file that fails is
+downloaded again.
 ``mnist_subset``, ``digits`` and ``synthetic`` ship with installed packages or are generated:
 they need no download.
 """
@@ -20,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from benchmarks.data.datasets import (
     download_command,
     load_dataset,
 )
-from benchmarks.records.files import atomic_write_bytes
+from benchmarks.records.files import atomic_write, atomic_write_bytes
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -118,29 +117,26 @@ def fetch(
         urllib.error.URLError, OSError: the download or the write failed.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        h_md5, h_sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, _urlopen(url, timeout=TIMEOUT_S) as response:
-            while chunk := response.read(CHUNK_BYTES):
-                out.write(chunk)
-                h_md5.update(chunk)
-                h_sha256.update(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        got_md5, got_sha256 = h_md5.hexdigest(), h_sha256.hexdigest()
-        for kind, expected, got in (("MD5", md5, got_md5), ("SHA-256", sha256, got_sha256)):
-            if expected is not None and got != expected.lower():
+    h_md5, h_sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+
+    def copy(response, out) -> None:
+        while chunk := response.read(CHUNK_BYTES):
+            out.write(chunk)
+            h_md5.update(chunk)
+            h_sha256.update(chunk)
+
+    def verify() -> None:  # before the move: a bad download never replaces dest
+        for kind, expected, got in (("MD5", md5, h_md5), ("SHA-256", sha256, h_sha256)):
+            if expected is not None and got.hexdigest() != expected.lower():
                 raise ChecksumError(
-                    f"{url}: {kind} {got} differs from the expected {expected}; "
+                    f"{url}: {kind} {got.hexdigest()} differs from the expected {expected}; "
                     f"{dest} was not written"
                 )
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return got_md5, got_sha256
+
+    # Opened first, so that an unreachable URL raises its own error, not the writer's.
+    with _urlopen(url, timeout=TIMEOUT_S) as response:
+        atomic_write(dest, lambda out: copy(response, out), before_replace=verify)
+    return h_md5.hexdigest(), h_sha256.hexdigest()
 
 
 def recorded_sha256(path: Path) -> str | None:

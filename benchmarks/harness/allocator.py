@@ -4,10 +4,10 @@ A training step on CPU allocates and frees the same large temporaries at every s
 1024 a ``[S, B, 784]`` tensor is 3 MB; Gumbel-Rao's ``[K, S, B, L]`` noise is 8 MB). glibc's
 ``malloc`` serves blocks above its mmap threshold with fresh ``mmap`` pages and returns the top
 of the heap to the system above its trim threshold, so such tensors are page-faulted in again
-at every step: measured on 2 cores, 8-10% of a batch-1024 step of REINFORCE and 22% of
-Gumbel-Rao's. :func:`retain_freed_memory` raises both thresholds so that freed memory stays in
-the process and is reused; batch-100 steps are unaffected. ``GRADBENCH_MALLOC=system`` keeps
-glibc's defaults.
+at every step, a cost that grows with the batch (measured by the command below, results in
+``results/throughput/allocator_cpu.md``). :func:`retain_freed_memory` raises both thresholds so
+that freed memory stays in the process and is reused; small batches, whose temporaries stay
+below the thresholds, are unaffected. ``GRADBENCH_MALLOC=system`` keeps glibc's defaults.
 
 Measure the effect (harness training steps, each setting in its own processes, alternated)::
 

@@ -137,6 +137,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; return ``path``."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return Path(path)
+
+
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_bytes(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.report._io import write_text
+from benchmarks.records.files import write_text
 from benchmarks.report.records import (
     FACET_COLUMNS,
     INFRASTRUCTURE_KEYS,
@@ -106,22 +106,14 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     return out
 
 
-def write_report_md(
-    out: Path,
-    argv: Sequence[str],
-    paths: Sequence[str],
-    runs: pd.DataFrame,
-    figures: list,
-    tables: list,
-    sweeps: list,
-) -> Path:
-    """Write ``out/report.md``: runs and their status, figures, tables, provenance."""
+def _runs_section(runs: pd.DataFrame, argv: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """The header, the command that rebuilds the report and the runs by status."""
     status_counts = runs["status"].value_counts()
     statuses = [*STATUS_ORDER, *sorted(set(status_counts.index) - set(STATUS_ORDER))]
     status_table = pd.DataFrame(
         [{"status": s, "runs": int(status_counts[s])} for s in statuses if s in status_counts]
     )
-    lines = [
+    return [
         "# gradbench report\n",
         f"Built by `gradbench-report` from the records of {len(runs)} runs in "
         + ", ".join(_code(p) for p in paths)
@@ -131,42 +123,52 @@ def write_report_md(
         "## Runs\n",
         markdown_table(status_table),
     ]
+
+
+def _left_out_section(runs: pd.DataFrame) -> list[str]:
+    """The runs that did not complete, which figures and tables leave out."""
     bad = runs[runs["status"] != "completed"].sort_values(["status", "run_id"])
-    lines.append("\n### Runs not in the figures and tables\n")
+    lines = ["\n### Runs not in the figures and tables\n"]
     if bad.empty:
-        lines.append("All runs completed.\n")
-    else:
-        lines.append("Figures and tables aggregate completed runs only; these are left out:\n")
-        table = bad[["run_id", "estimator_label", "seed", "status", "reason", "run_dir"]]
-        table = table.astype(object)  # a run without a seed holds a dash, not a number
-        table["estimator_label"] = table["estimator_label"].fillna(bad["overrides"])
-        table["run_dir"] = table["run_dir"].map(_code)
-        lines.append(markdown_table(table.fillna(NA).astype(str)))
-    lines.append("\n### Duplicate seeds\n")
-    lines.append(
+        return [*lines, "All runs completed.\n"]
+    lines.append("Figures and tables aggregate completed runs only; these are left out:\n")
+    table = bad[["run_id", "estimator_label", "seed", "status", "reason", "run_dir"]]
+    table = table.astype(object)  # a run without a seed holds a dash, not a number
+    table["estimator_label"] = table["estimator_label"].fillna(bad["overrides"])
+    table["run_dir"] = table["run_dir"].map(_code)
+    return [*lines, markdown_table(table.fillna(NA).astype(str))]
+
+
+def _duplicates_section(runs: pd.DataFrame) -> list[str]:
+    """How runs are grouped, and the completed runs that repeat a seed of their group."""
+    lines = [
+        "\n### Duplicate seeds\n",
         "Runs are grouped by their whole resolved config except `seed` and the "
         "infrastructure keys " + ", ".join(f"`{k}`" for k in INFRASTRUCTURE_KEYS) + "; "
         "groups that share an estimator label are told apart by the config keys in which "
-        "they differ (`label [key=value]`).\n"
-    )
+        "they differ (`label [key=value]`).\n",
+    ]
     dups = runs[runs["duplicate_of"].notna()] if "duplicate_of" in runs else runs.iloc[:0]
     if dups.empty:
-        lines.append("No seed appears twice in a group.\n")
-    else:
-        lines.append(
-            "These completed runs repeat the seed of an earlier run (in run-id order) of the "
-            "same group; only that run is in the figures and tables:\n"
-        )
-        table = dups[["run_id", "estimator_label", "seed", "duplicate_of", "run_dir"]]
-        table = table.astype(object).sort_values("run_id")
-        table["run_dir"] = table["run_dir"].map(_code)
-        lines.append(markdown_table(table.fillna(NA).astype(str)))
-    lines.append("\n## Figures\n")
+        return [*lines, "No seed appears twice in a group.\n"]
     lines.append(
+        "These completed runs repeat the seed of an earlier run (in run-id order) of the "
+        "same group; only that run is in the figures and tables:\n"
+    )
+    table = dups[["run_id", "estimator_label", "seed", "duplicate_of", "run_dir"]]
+    table = table.astype(object).sort_values("run_id")
+    table["run_dir"] = table["run_dir"].map(_code)
+    return [*lines, markdown_table(table.fillna(NA).astype(str))]
+
+
+def _figures_section(out: Path, figures: list) -> list[str]:
+    """Every figure (PNG inline, PDF linked), then the skipped ones with the reason."""
+    lines = [
+        "\n## Figures\n",
         "Each estimator keeps one colour and marker in every figure; groups of one estimator "
         "label with different settings share its colour, each with a marker of its own "
-        "(mapping: [figures/palette.json](figures/palette.json)).\n"
-    )
+        "(mapping: [figures/palette.json](figures/palette.json)).\n",
+    ]
     for fig in figures:
         if fig.skipped:
             continue
@@ -180,32 +182,68 @@ def write_report_md(
         lines.append("### Skipped figures\n")
         lines += [f"- `{f.name}`: {f.skipped}" for f in skipped]
         lines.append("")
-    lines.append("\n## Tables\n")
-    lines.append("Per-run final values: `final_values.csv`; aggregated: `summary_stats.csv`.\n")
+    return lines
+
+
+def _tables_section(out: Path, tables: list) -> list[str]:
+    """Every table in Markdown, with links to its files."""
+    lines = [
+        "\n## Tables\n",
+        "Per-run final values: `final_values.csv`; aggregated: `summary_stats.csv`.\n",
+    ]
     for table in tables:
         links = ", ".join(f"[{f.name}]({f.relative_to(out).as_posix()})" for f in table.files)
         lines.append(f"### {table.name}\n\n{table.caption} Files: {links}.\n\n{table.markdown}")
-    lines.append("## Provenance\n\n### Sweeps\n")
-    if sweeps:
-        for sweep in sweeps:
-            n = "unknown" if sweep.expected is None else len(sweep.expected)
-            found = (runs["sweep_dir"] == str(sweep.path)).sum() if "sweep_dir" in runs else 0
-            commands = ", then ".join(_code(c) for c in sweep.commands) or _code("unknown")
-            lines.append(
-                f"- {_code(sweep.path)}: {n} jobs expected, {found} listed here. "
-                f"{'Commands' if len(sweep.commands) > 1 else 'Command'}: {commands}"
-            )
-    else:
-        lines.append("- single run directories (no multirun.yaml)")
-    lines.append("")
-    lines += _provenance(runs)
-    lines += [
+    return lines
+
+
+def _sweeps_section(runs: pd.DataFrame, sweeps: list) -> list[str]:
+    """Each sweep's expected and found jobs and the commands that launched it."""
+    lines = ["## Provenance\n\n### Sweeps\n"]
+    if not sweeps:
+        return [*lines, "- single run directories (no multirun.yaml)", ""]
+    for sweep in sweeps:
+        n = "unknown" if sweep.expected is None else len(sweep.expected)
+        found = (runs["sweep_dir"] == str(sweep.path)).sum() if "sweep_dir" in runs else 0
+        commands = ", then ".join(_code(c) for c in sweep.commands) or _code("unknown")
+        lines.append(
+            f"- {_code(sweep.path)}: {n} jobs expected, {found} listed here. "
+            f"{'Commands' if len(sweep.commands) > 1 else 'Command'}: {commands}"
+        )
+    return [*lines, ""]
+
+
+def _recompute_section(paths: Sequence[str]) -> list[str]:
+    """A snippet that recomputes a table number from the records."""
+    return [
         "\n## Recompute a table number\n",
         "```python\nfrom benchmarks.report import final_values, load_records\n\n"
         f"metrics, runs = load_records({list(map(str, paths))!r})\n"
         "fv = final_values(metrics)  # one row per (completed run, quantity)\n"
         f'fv[fv.quantity == "test/elbo"].groupby({[*FACET_COLUMNS, "estimator_label"]!r})'
         '["value"].agg(["mean", "std", "count"])\n```\n',
+    ]
+
+
+def write_report_md(
+    out: Path,
+    argv: Sequence[str],
+    paths: Sequence[str],
+    runs: pd.DataFrame,
+    figures: list,
+    tables: list,
+    sweeps: list,
+) -> Path:
+    """Write ``out/report.md``: runs and their status, figures, tables, provenance."""
+    lines = [
+        *_runs_section(runs, argv, paths),
+        *_left_out_section(runs),
+        *_duplicates_section(runs),
+        *_figures_section(out, figures),
+        *_tables_section(out, tables),
+        *_sweeps_section(runs, sweeps),
+        *_provenance(runs),
+        *_recompute_section(paths),
     ]
     return write_text(out / "report.md", "\n".join(lines))
 
@@ -290,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics, runs, throughput, style, out / "figures", args.n_boot, args.seed, overhead
     )
     write_text(out / "figures" / "palette.json", palette_json(style, figures))
-    tables, _ = all_tables(metrics, runs, throughput, out / "tables", args.seed, overhead)
+    tables, _ = all_tables(metrics, runs, throughput, out / "tables", overhead)
     write_text(out / "runs.csv", runs.drop(columns=["config"]).to_csv(index=False))
     report = write_report_md(out, argv, args.paths, runs, figures, tables, sweeps)
     n_bad = int((runs["status"] != "completed").sum())

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from benchmarks.report._io import atomic_write
+from benchmarks.records.files import atomic_write
 from benchmarks.report.records import (
     FACET_COLUMNS,
     config_value,
@@ -219,7 +219,9 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     files = []
     for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None})):
         path = out_dir / f"{name}.{ext}"
-        atomic_write(path, lambda tmp, m=meta: fig.savefig(tmp, dpi=DPI, metadata=m))
+        atomic_write(
+            path, lambda fh, e=ext, m=meta: fig.savefig(fh, format=e, dpi=DPI, metadata=m)
+        )
         files.append(path)
         fig.set_layout_engine("none")  # keep the layout computed for the PNG; it is the same
     return files
@@ -462,6 +464,72 @@ def basket_figure(
     return result
 
 
+#: Quantities of the temperature ablation: (title, y label).
+_TEMPERATURE_TITLES = {
+    "test/elbo": ("final test ELBO", "ELBO (nats)"),
+    "test/iwae": ("final test IWAE", "IWAE bound (nats)"),
+    "log10 probe/grad_var": ("final probe variance", "log10 gradient variance"),
+}
+
+
+def _gumbel_softmax_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The completed gumbel_softmax runs with their ``temperature`` and ``variant`` (the
+    other estimator options, which a grey line joins across temperatures)."""
+
+    def variant(config: object) -> str:
+        est = config_value(config, "estimator") or {}
+        opts = [
+            f"{k}={v}"
+            for k, v in sorted(est.items())
+            if k not in ("temperature", "_target_", "name")
+        ]
+        return ", ".join(opts) or "gumbel_softmax"
+
+    gs = runs[(runs["estimator"] == "gumbel_softmax") & (runs["status"] == "completed")].copy()
+    gs["temperature"] = [config_value(c, "estimator.temperature") for c in gs["config"]]
+    gs = gs[gs["temperature"].notna()]
+    gs["variant"] = [variant(c) for c in gs["config"]]
+    return gs
+
+
+def _temperature_panel(
+    ax: Axes, part: pd.DataFrame, style: EstimatorStyle, n_boot: int, seed: int
+) -> list[str]:
+    """One panel: grey lines joining each variant's means, then the estimators' points with
+    bootstrap bars; returns the estimator labels drawn."""
+    means = part.groupby(["variant", "temperature"])["value"].mean().reset_index()
+    for i, (_, line) in enumerate(means.groupby("variant", sort=True)):
+        ax.plot(
+            line["temperature"],
+            line["value"],
+            color="0.6",
+            lw=0.8,
+            zorder=0,
+            ls=("-", "--", ":", "-.")[i % 4],
+        )
+    labels = sorted(part["estimator_label"].unique())
+    sns.lineplot(
+        data=part,
+        x="temperature",
+        y="value",
+        hue="estimator_label",
+        style="estimator_label",
+        hue_order=labels,
+        style_order=labels,
+        palette={lb: style.color(lb) for lb in labels},
+        markers={lb: style.marker(lb) for lb in labels},
+        dashes=False,
+        err_style="bars",
+        errorbar=("ci", 95),
+        n_boot=n_boot,
+        seed=seed,
+        legend=False,
+        ax=ax,
+        err_kws={"capsize": 2, "elinewidth": 0.8},
+    )
+    return labels
+
+
 def temperature_ablation(
     df: pd.DataFrame,
     runs: pd.DataFrame,
@@ -478,32 +546,14 @@ def temperature_ablation(
         "intervals; grey lines join the same variant)."
     )
     result = FigureResult(name, caption)
-    gs = runs[(runs["estimator"] == "gumbel_softmax") & (runs["status"] == "completed")].copy()
-    gs["temperature"] = [config_value(c, "estimator.temperature") for c in gs["config"]]
-    gs = gs[gs["temperature"].notna()]
+    gs = _gumbel_softmax_runs(runs)
     if gs["temperature"].nunique() < 2:
         result.skipped = "gumbel_softmax's estimator.temperature does not vary in these runs"
         return result
-
-    def variant(config: object) -> str:
-        est = config_value(config, "estimator") or {}
-        opts = [
-            f"{k}={v}"
-            for k, v in sorted(est.items())
-            if k not in ("temperature", "_target_", "name")
-        ]
-        return ", ".join(opts) or "gumbel_softmax"
-
-    gs["variant"] = [variant(c) for c in gs["config"]]
     gs["temperature"] = gs["temperature"].astype(float)
     fv = final_values(df[df["run_id"].isin(gs["run_id"])])
     fv = fv.merge(gs[["run_id", "temperature", "variant"]], on="run_id")
-    titles = {
-        "test/elbo": ("final test ELBO", "ELBO (nats)"),
-        "test/iwae": ("final test IWAE", "IWAE bound (nats)"),
-        "log10 probe/grad_var": ("final probe variance", "log10 gradient variance"),
-    }
-    quantities = [q for q in titles if (fv["quantity"] == q).any()]
+    quantities = [q for q in _TEMPERATURE_TITLES if (fv["quantity"] == q).any()]
     if not quantities:
         result.skipped = "no final test/elbo, test/iwae or probe/grad_var for gumbel_softmax"
         return result
@@ -515,40 +565,10 @@ def temperature_ablation(
         fig, axes, width = _flat_grid(len(panels), len(quantities))
         for ax, (facet, q) in zip(axes, panels, strict=True):
             part = fv[(fv["quantity"] == q) & (fv[list(FACET_COLUMNS)] == list(facet)).all(axis=1)]
-            means = part.groupby(["variant", "temperature"])["value"].mean().reset_index()
-            for i, (_, line) in enumerate(means.groupby("variant", sort=True)):
-                ax.plot(
-                    line["temperature"],
-                    line["value"],
-                    color="0.6",
-                    lw=0.8,
-                    zorder=0,
-                    ls=("-", "--", ":", "-.")[i % 4],
-                )
-            labels = sorted(part["estimator_label"].unique())
-            used.update(labels)
-            sns.lineplot(
-                data=part,
-                x="temperature",
-                y="value",
-                hue="estimator_label",
-                style="estimator_label",
-                hue_order=labels,
-                style_order=labels,
-                palette={lb: style.color(lb) for lb in labels},
-                markers={lb: style.marker(lb) for lb in labels},
-                dashes=False,
-                err_style="bars",
-                errorbar=("ci", 95),
-                n_boot=n_boot,
-                seed=seed,
-                legend=False,
-                ax=ax,
-                err_kws={"capsize": 2, "elinewidth": 0.8},
-            )
+            used.update(_temperature_panel(ax, part, style, n_boot, seed))
             if logx:
                 ax.set_xscale("log")
-            title, ylabel = titles[q]
+            title, ylabel = _TEMPERATURE_TITLES[q]
             ax.set_title(f"{title}\n{_facet_text(facet)}" if len(facets) > 1 else title)
             ax.set_xlabel("temperature τ")
             ax.set_ylabel(ylabel)

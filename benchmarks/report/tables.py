@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.report._io import write_text
+from benchmarks.records.files import write_text
 from benchmarks.report.records import (
     FACET_COLUMNS,
     QUANTITIES,
@@ -60,30 +60,19 @@ def tex_escape(text: object) -> str:
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-def welch_p(a: Sequence[float], b: Sequence[float], seed: int = 0, n_boot: int = 10_000) -> float:
-    """Two-sided p-value for equal means without assuming equal variances.
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value for equal means without assuming equal variances: Welch's t-test
+    (``scipy.stats.ttest_ind(equal_var=False)``). NaN when a sample has fewer than 2 values
+    or both have zero variance."""
+    from scipy.stats import ttest_ind  # here: importing scipy.stats takes a while
 
-    Welch's t-test (``scipy.stats.ttest_ind(equal_var=False)``) when scipy is importable; else
-    a seeded bootstrap test of the mean difference (both samples shifted to the pooled mean).
-    NaN when a sample has fewer than 2 values or both have zero variance.
-    """
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or len(b) < 2 or (np.var(a) == 0 and np.var(b) == 0):
         return math.nan
-    try:
-        from scipy.stats import ttest_ind
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        pooled = np.concatenate([a, b]).mean()
-        a0, b0 = a - a.mean() + pooled, b - b.mean() + pooled
-        ma = rng.choice(a0, (n_boot, len(a))).mean(axis=1)
-        mb = rng.choice(b0, (n_boot, len(b))).mean(axis=1)
-        observed = abs(a.mean() - b.mean())
-        return float((np.sum(np.abs(ma - mb) >= observed) + 1) / (n_boot + 1))
     return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def summary_stats(fv: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+def summary_stats(fv: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (ddof=1), n, best flag, difference from best and Welch p per group/quantity.
 
     ``fv`` is the output of ``records.final_values``. One row per (family, model, dataset,
@@ -106,7 +95,7 @@ def summary_stats(fv: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         best_values = block.loc[block["best"], "values"].iloc[0]
         block["delta"] = block["mean"] - best_mean
         block["p"] = [
-            math.nan if is_best else welch_p(v, best_values, seed)
+            math.nan if is_best else welch_p(v, best_values)
             for v, is_best in zip(block["values"], block["best"], strict=True)
         ]
         out.append(block)
@@ -117,18 +106,13 @@ def summary_stats(fv: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return stats[cols].reset_index(drop=True)
 
 
-def format_cell(
-    mean: float, std: float, n: int, decimals: int, latex: bool = False, bold: bool = False
-) -> str:
-    """``mean ± std (n)`` (``mean (n)`` when std is undefined), in Markdown or LaTeX."""
+def format_cell(mean: float, std: float, n: int, decimals: int, latex: bool = False) -> str:
+    """``mean ± std (n)`` (``mean (n)`` when std is undefined), in Markdown or LaTeX (in math
+    mode, which :func:`booktabs_table` bolds with ``\boldmath``)."""
     body = f"{mean:.{decimals}f}"
     if not (isinstance(std, float) and math.isnan(std)):
         body += (r" \pm " if latex else " ± ") + f"{std:.{decimals}f}"
-    if latex:
-        text = f"${body}$ ({n})"
-        return rf"\textbf{{\boldmath{text}}}" if bold else text
-    text = f"{body} ({n})"
-    return f"**{text}**" if bold else text
+    return f"${body}$ ({n})" if latex else f"{body} ({n})"
 
 
 def format_p(p: float, latex: bool = False) -> str:
@@ -168,18 +152,61 @@ def md_cell(value: object) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """``frame`` as a GitHub Markdown table (every cell and header through :func:`md_cell`);
-    ``(none)`` when it has no rows. Every Markdown table of a report is written here."""
+def _bold_where(cells: pd.DataFrame, best: pd.DataFrame | None, bold) -> pd.DataFrame:
+    """``cells`` with ``bold(cell)`` where the mask ``best`` (same shape) is true."""
+    if best is None:
+        return cells
+    mask = np.asarray(best, dtype=bool)
+    return pd.DataFrame(
+        np.where(mask, cells.map(bold).to_numpy(), cells.to_numpy()), columns=cells.columns
+    )
+
+
+def markdown_table(
+    frame: pd.DataFrame, best: pd.DataFrame | None = None, floatfmt: str | None = None
+) -> str:
+    """``frame`` as a GitHub Markdown table: every cell and header through :func:`md_cell`,
+    floats formatted with ``floatfmt`` (else ``str``), the cells where the mask ``best`` is
+    true in bold; ``(none)`` when it has no rows. Every Markdown table is written here (the
+    report's, the throughput summaries', the probe ranking's)."""
     if frame.empty:
         return "(none)\n"
-    cells = frame.astype(object).map(md_cell)
+    cells = frame.astype(object)
+    if floatfmt is not None:
+        cells = cells.map(lambda v: format(v, floatfmt) if isinstance(v, float) else v)
+    cells = _bold_where(cells.map(md_cell), best, lambda c: f"**{c}**")
     cells.columns = [md_cell(c) for c in frame.columns]
     return cells.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def _markdown(frame: pd.DataFrame, note: str, excluded: list[str]) -> str:
-    text = markdown_table(frame) + "\n" + note + "\n"
+def booktabs_table(
+    frame: pd.DataFrame, best: pd.DataFrame | None = None, n_text: int = 0
+) -> list[str]:
+    """``frame`` (cells already LaTeX) as the lines of a booktabs ``tabular``: the first
+    ``n_text`` columns left-aligned, the others right-aligned, a rule between facets (the
+    leading :data:`FACET_COLUMNS`), the cells where the mask ``best`` is true in bold."""
+    cells = _bold_where(frame.astype(object), best, lambda c: rf"\textbf{{\boldmath{c}}}")
+    align = "l" * n_text + "r" * (frame.shape[1] - n_text)
+    lines = [
+        f"\\begin{{tabular}}{{{align}}}",
+        "\\toprule",
+        " & ".join(tex_escape(c) for c in frame.columns) + r" \\",
+        "\\midrule",
+    ]
+    previous = None
+    for row in cells.itertuples(index=False):
+        group = tuple(row[: len(FACET_COLUMNS)])
+        if previous is not None and group != previous:
+            lines.append("\\midrule")
+        previous = group
+        lines.append(" & ".join(str(c) for c in row) + r" \\")
+    return [*lines, "\\bottomrule", "\\end{tabular}"]
+
+
+def _markdown(
+    frame: pd.DataFrame, note: str, excluded: list[str], best: pd.DataFrame | None = None
+) -> str:
+    text = markdown_table(frame, best) + "\n" + note + "\n"
     if excluded:
         text += "\n† Not included (not completed):\n\n" + "".join(
             f"- {md_cell(x)}\n" for x in excluded
@@ -187,24 +214,19 @@ def _markdown(frame: pd.DataFrame, note: str, excluded: list[str]) -> str:
     return text
 
 
-def _booktabs(frame: pd.DataFrame, note: str, excluded: list[str], n_text: int) -> str:
-    """A booktabs ``tabular`` (cells already LaTeX) followed by its footnotes."""
-    align = "l" * n_text + "r" * (frame.shape[1] - n_text)
+def _booktabs(
+    frame: pd.DataFrame,
+    note: str,
+    excluded: list[str],
+    n_text: int,
+    best: pd.DataFrame | None = None,
+) -> str:
+    """A booktabs ``tabular`` (:func:`booktabs_table`) followed by its footnotes."""
     lines = [
         "% Generated by gradbench-report; needs \\usepackage{booktabs}.",
-        f"\\begin{{tabular}}{{{align}}}",
-        "\\toprule",
-        " & ".join(tex_escape(c) for c in frame.columns) + r" \\",
-        "\\midrule",
+        *booktabs_table(frame, best, n_text),
     ]
-    previous = None
-    for row in frame.itertuples(index=False):
-        group = tuple(row[: len(FACET_COLUMNS)])
-        if previous is not None and group != previous:
-            lines.append("\\midrule")
-        previous = group
-        lines.append(" & ".join(str(c) for c in row) + r" \\")
-    lines += ["\\bottomrule", "\\end{tabular}", "", "\\par\\smallskip", "{\\footnotesize"]
+    lines += ["", "\\par\\smallskip", "{\\footnotesize"]
     lines.append(tex_escape(note).replace("**", "") + "\\par")
     if excluded:
         lines.append(r"\textsuperscript{\dag}Not included (not completed):")
@@ -228,25 +250,22 @@ def summary_table(stats: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> Tab
         return None
     quantities = [q for q in QUANTITIES if (stats["quantity"] == q.key).any()]
     excluded_groups = _excluded_groups(runs)
-    md_rows, tex_rows = [], []
+    md_rows, tex_rows, best_rows = [], [], []
     for key, block in stats.groupby(GROUP, sort=True):
         cells = {r.quantity: r for r in block.itertuples()}
         md, tex = (
             _identity_cells(key, excluded_groups, False),
             _identity_cells(key, excluded_groups, True),
         )
+        best = [False] * len(md)
         for q in quantities:
             r = cells.get(q.key)
-            md.append(
-                NA if r is None else format_cell(r.mean, r.std, r.n, q.decimals, bold=bool(r.best))
-            )
-            tex.append(
-                "--"
-                if r is None
-                else format_cell(r.mean, r.std, r.n, q.decimals, latex=True, bold=bool(r.best))
-            )
+            md.append(NA if r is None else format_cell(r.mean, r.std, r.n, q.decimals))
+            tex.append("--" if r is None else format_cell(r.mean, r.std, r.n, q.decimals, True))
+            best.append(r is not None and bool(r.best))
         md_rows.append(md)
         tex_rows.append(tex)
+        best_rows.append(best)
     header = [*FACET_COLUMNS, "estimator", *(q.title for q in quantities)]
     note = (
         "Mean ± sample std (number of completed seeds). **Bold**: best per column within each "
@@ -254,9 +273,9 @@ def summary_table(stats: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> Tab
         "variance and f-evaluations. "
         + " ".join(f"{q.title}: {q.description}." for q in quantities)
     )
-    excluded = footnotes(runs)
-    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded)
-    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP))
+    excluded, best = footnotes(runs), pd.DataFrame(best_rows, columns=header)
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded, best)
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP), best)
     caption = "Final values over seeds (all quantities)."
     return TableResult("summary", caption, md, _write(out_dir, "summary", md, tex))
 
@@ -279,7 +298,7 @@ def quantity_table(
         md_rows.append(
             [
                 *_identity_cells(key, excluded_groups, False),
-                format_cell(r.mean, r.std, r.n, q.decimals, bold=bool(r.best)),
+                format_cell(r.mean, r.std, r.n, q.decimals),
                 delta,
                 "best" if r.best else format_p(r.p),
             ]
@@ -287,12 +306,14 @@ def quantity_table(
         tex_rows.append(
             [
                 *_identity_cells(key, excluded_groups, True),
-                format_cell(r.mean, r.std, r.n, q.decimals, latex=True, bold=bool(r.best)),
+                format_cell(r.mean, r.std, r.n, q.decimals, latex=True),
                 f"${delta}$",
                 "best" if r.best else format_p(r.p, latex=True),
             ]
         )
     header = [*FACET_COLUMNS, "estimator", q.title, "Δ vs best", "p (Welch)"]
+    best = pd.DataFrame(False, index=range(len(md_rows)), columns=header)
+    best[q.title] = part["best"].to_numpy(bool)
     direction = "higher" if q.higher_is_better else "lower"
     note = (
         f"{q.title}: {q.description}. Mean ± sample std (number of completed seeds); **bold**: "
@@ -301,8 +322,8 @@ def quantity_table(
         f"({NA} when a row has fewer than two seeds)."
     )
     excluded = footnotes(runs)
-    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded)
-    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP))
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded, best)
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP), best)
     name = q.key.replace("log10 ", "log10_").replace("/", "_")
     return TableResult(
         name, f"{q.title} with differences from the best.", md, _write(out_dir, name, md, tex)
@@ -329,19 +350,19 @@ def basket_table(df: pd.DataFrame, runs: pd.DataFrame, out_dir: Path) -> TableRe
     md_rows, tex_rows = [], []
     for r in stats.itertuples():
         ident = [*(getattr(r, c) for c in FACET_COLUMNS), r.estimator_label, r.probe_label]
-        md_rows.append([*map(str, ident), format_cell(r.mean, r.std, r.n, 2, bold=r.best)])
-        tex_rows.append(
-            [*map(tex_escape, ident), format_cell(r.mean, r.std, r.n, 2, latex=True, bold=r.best)]
-        )
+        md_rows.append([*map(str, ident), format_cell(r.mean, r.std, r.n, 2)])
+        tex_rows.append([*map(tex_escape, ident), format_cell(r.mean, r.std, r.n, 2, latex=True)])
     header = [*FACET_COLUMNS, "trajectory", "probed estimator", "log10 grad. variance"]
+    best = pd.DataFrame(False, index=range(len(md_rows)), columns=header)
+    best[header[-1]] = stats["best"].to_numpy(bool)
     note = (
         "Gradient basket: log10 `probe/grad_var` of each probed estimator, measured at the same "
         "parameters along the trajectory of the run's own estimator, at each run's last probe "
         "step. Mean ± sample std (completed seeds); **bold**: lowest per trajectory."
     )
     excluded = footnotes(runs)
-    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded)
-    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP) + 1)
+    md = _markdown(pd.DataFrame(md_rows, columns=header), note, excluded, best)
+    tex = _booktabs(pd.DataFrame(tex_rows, columns=header), note, excluded, len(GROUP) + 1, best)
     return TableResult(
         "grad_var_basket",
         "Gradient basket at the last probe step.",
@@ -383,28 +404,35 @@ def benchmark_table(tp: pd.DataFrame | None, out_dir: Path) -> TableResult | Non
     )  # fmt: skip
 
 
+def overhead_frame(ov: pd.DataFrame) -> pd.DataFrame:
+    """The cells (text) of the overhead table, one row per case of ``ov`` (the columns of
+    :data:`records.OVERHEAD_COLUMNS` that a measurement's ``results`` hold)."""
+    rows = []
+    for r in ov.itertuples():
+        has_target = r.target is not None and not pd.isna(r.target)
+        ident = (r.label, r.family, r.batch_size, r.num_samples, r.device, r.threads)
+        rows.append(
+            [str(x) for x in ident]
+            + [
+                f"{r.harness_ms:.2f}",
+                f"{r.handwritten_ms:.2f}",
+                f"{r.ratio:.3f}",
+                f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                f"≤ {r.target:.2f}" if has_target else NA,
+                ("yes" if r.ratio <= r.target else "no") if has_target else NA,
+            ]
+        )
+    header = ["estimator", "family", "B", "S", "device", "threads", "harness (ms)",
+              "hand-written (ms)", "ratio", "95% CI", "target", "met"]  # fmt: skip
+    return pd.DataFrame(rows, columns=header)
+
+
 def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None:
     """The harness's overhead measured side by side (interleaved), with the targets."""
     if ov is None or ov.empty:
         return None
     ov = ov.sort_values(["device", "threads", "batch_size", "family", "label"])
-    cols = ["estimator", "family", "B", "S", "device", "threads"]
-    md_rows, tex_rows = [], []
-    for r in ov.itertuples():
-        ident = [str(x) for x in (r.label, r.family, r.batch_size, r.num_samples, r.device,
-                                  r.threads)]  # fmt: skip
-        has_target = r.target is not None and not pd.isna(r.target)
-        nums = [
-            f"{r.harness_ms:.2f}",
-            f"{r.handwritten_ms:.2f}",
-            f"{r.ratio:.3f}",
-            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
-            f"≤ {r.target:.2f}" if has_target else NA,
-            ("yes" if r.ratio <= r.target else "no") if has_target else NA,
-        ]
-        md_rows.append(ident + nums)
-        tex_rows.append([tex_escape(x) for x in ident + nums])
-    header = [*cols, "harness (ms)", "hand-written (ms)", "ratio", "95% CI", "target", "met"]
+    frame = overhead_frame(ov)
     sources = ", ".join(
         f"{src} ({date}, commit {str(commit)[:10]})"
         for src, date, commit in ov[["source", "date", "git_commit"]]
@@ -419,7 +447,8 @@ def overhead_table(ov: pd.DataFrame | None, out_dir: Path) -> TableResult | None
     )
     return _plain_table(
         "harness_overhead", "Harness overhead against a hand-written step (interleaved).",
-        header, md_rows, tex_rows, note, len(cols), out_dir,
+        list(frame.columns), frame.to_numpy().tolist(), frame.map(tex_escape).to_numpy().tolist(),
+        note, 6, out_dir,
     )  # fmt: skip
 
 
@@ -448,12 +477,11 @@ def all_tables(
     runs: pd.DataFrame,
     throughput: pd.DataFrame | None,
     out_dir: Path,
-    seed: int = 0,
     overhead: pd.DataFrame | None = None,
 ) -> tuple[list[TableResult], pd.DataFrame]:
     """Every table of a report, and the statistics behind them (also ``summary_stats.csv``)."""
     fv = final_values(df)
-    stats = summary_stats(fv, seed)
+    stats = summary_stats(fv)
     write_text(out_dir / "final_values.csv", fv.to_csv(index=False))
     write_text(out_dir / "summary_stats.csv", stats.to_csv(index=False))
     results = [summary_table(stats, runs, out_dir)]

@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="processes per setting and case")
     parser.add_argument("--out", default=None, help="also write the table (Markdown) here")
     args = parser.parse_args(argv)
+    import pandas as pd
+
+    from benchmarks.report.tables import markdown_table
+
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats} is invalid; allowed: an integer >= 1")
     lines = [
@@ -77,19 +81,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- {platform.platform()}, {os.cpu_count()} CPUs; load average before: "
         + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
         "",
-        "| estimator | B | glibc defaults (ms) | retained (ms) | retained / defaults |",
-        "|---|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
+    rows = []
     for name, batch in CASES:
         times: dict[str, list[float]] = {"system": [], "retain": []}
         for _ in range(args.repeats):  # alternated, so slow load changes hit both alike
             for malloc in times:
                 times[malloc].append(step_ms(name, batch, malloc))
         system, retain = (statistics.median(times[m]) for m in ("system", "retain"))
-        lines.append(f"| {name} | {batch} | {system:.2f} | {retain:.2f} | {retain / system:.3f} |")
-        print(lines[-1], flush=True)
-    lines.append("")
+        rows.append({"estimator": name, "B": batch, "glibc defaults (ms)": f"{system:.2f}",
+                     "retained (ms)": f"{retain:.2f}",
+                     "retained / defaults": f"{retain / system:.3f}"})  # fmt: skip
+        print(" ".join(str(v) for v in rows[-1].values()), flush=True)  # progress
+    lines.append(markdown_table(pd.DataFrame(rows)))
+    print(lines[-1])
     lines.append("- load average after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(lines[-1])
     if args.out:

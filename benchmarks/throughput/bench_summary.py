@@ -20,6 +20,8 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
+import pandas as pd
+
 
 @dataclass(frozen=True)
 class Scaling:
@@ -89,22 +91,33 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def scaling_frame(rows: list[Scaling]) -> pd.DataFrame:
+    """The cells (text) of the summary table, one row per estimator."""
+    return pd.DataFrame(
+        [
+            {
+                "estimator": r.estimator,
+                "small S": r.s_small,
+                "ms": f"{1e3 * r.small:.2f}",
+                "large S": r.s_large,
+                "ms at large S": f"{1e3 * r.large:.2f}",
+                "S=8 / S=1": f"{r.ratio:.2f}x",
+                "looped ms": _fmt(None if r.looped is None else 1e3 * r.looped, ".2f"),
+                "vectorized / looped": _fmt(r.vs_looped, ".2f"),
+                "f share at S=8": _fmt(r.f_share, ".0%"),
+                "f alone S=8 / S=1": _fmt(r.f_ratio, ".2f") + ("" if r.f_ratio is None else "x"),
+            }
+            for r in rows
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print a Markdown table of the ratios."""
+    from benchmarks.report.tables import markdown_table
+
     argv = sys.argv[1:] if argv is None else argv
-    print(
-        "| estimator | S | ms | S | ms | S=8 / S=1 | looped ms | vectorized / looped "
-        "| f share at S=8 | f alone S=8 / S=1 |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in scalings(argv[0]):
-        looped = None if r.looped is None else 1e3 * r.looped
-        print(
-            f"| {r.estimator} | {r.s_small} | {1e3 * r.small:.2f} | {r.s_large} "
-            f"| {1e3 * r.large:.2f} | {r.ratio:.2f}x | {_fmt(looped, '.2f')} "
-            f"| {_fmt(r.vs_looped, '.2f')} | {_fmt(r.f_share, '.0%')} "
-            f"| {_fmt(r.f_ratio, '.2f')}{'x' if r.f_ratio is not None else ''} |"
-        )
+    print(markdown_table(scaling_frame(scalings(argv[0]))), end="")
     return 0
 
 

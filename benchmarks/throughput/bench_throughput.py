@@ -15,7 +15,7 @@ step right before its hand-written reference:
   would not fit; by default one family per estimator);
 - ``harness_step_compiled`` (opt-in, ``GRADBENCH_BENCH_COMPILE=1``): ``harness_step`` with
   ``estimate_loss`` under ``torch.compile``, for representative cases with a hand-written
-  step (on CPU it took 0.72-0.82x the eager step's time in our measurement);
+  step (whether compiling pays off depends on the device and the case, hence a benchmark);
 - ``handwritten_step``: the same training step written by hand
   (:class:`.handwritten.HandwrittenStep`; only estimators it implements), marked
   ``reference`` so that reports show ``harness_step / handwritten_step`` as the overhead.
@@ -470,7 +470,7 @@ GPU_MARKS = [
 CASES = selected_cases()
 BY_ID = {c.id: c for c in CASES}
 _FULL = os.environ.get("GRADBENCH_BENCH_FULL", "") not in ("", "0")
-#: torch.compile of the harness step (each compiles for ~5-25 s on CPU): representative cases
+#: torch.compile of the harness step (compiling each case takes a while): representative cases
 #: with a hand-written version, only with ``GRADBENCH_BENCH_COMPILE=1``.
 COMPILE = os.environ.get("GRADBENCH_BENCH_COMPILE", "") not in ("", "0")
 

@@ -250,54 +250,27 @@ class HandwrittenStep:
 
     # ------------------------------------------------------------------- the estimators
 
-    def loss(self, x: Tensor) -> Tensor:
-        """The training loss ``-(1/B) sum_b surrogate_b + aux_loss`` on batch ``x`` ``[B, D]``."""
+    def encode(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """``q``'s parameters for batch ``x``: ``(loc, scale)`` ``[B, L]`` each, Bernoulli
+        logits ``[B, L]`` or categorical logits ``[B, L, C]``."""
         h = mlp(x, self.enc)  # [B, H]
         if self.family == "gaussian":
             loc, raw = h.chunk(2, -1)
-            h = (loc, F.softplus(raw) + 1e-4)
-        elif self.family == "categorical":
-            h = h.unflatten(-1, (self.L, self.C))  # [B, L, C]
+            return loc, F.softplus(raw) + 1e-4
+        if self.family == "categorical":
+            return h.unflatten(-1, (self.L, self.C))  # [B, L, C]
+        return h
+
+    def loss(self, x: Tensor) -> Tensor:
+        """The training loss ``-(1/B) sum_b surrogate_b + aux_loss`` on batch ``x`` ``[B, D]``."""
+        h = self.encode(x)
         kl = self.kl(h) if self.kl_mode == "analytic" else None  # [B]
-        S, B, name = self.S, x.shape[0], self.estimator
+        S, name = self.S, self.estimator
         aux_loss = None
         if name in ("reinforce", "rloo", "nvil"):
-            z = self.sample(h)
-            log_q = self.log_q(h, z)
-            f = self.signal(x, z, kl, log_q)  # [S, B]
-            fd = f.detach()
-            if name == "rloo":
-                signal = fd - (fd.sum(0) - fd) / (S - 1)
-            elif name == "nvil":
-                signal, aux_loss, scale = self.nvil_signal(x, fd)
-                # normalize: the whole gradient (f's and the score term) divided by the scale.
-                f = fd + (f - fd) / scale
-                signal = signal / scale
-            elif self.baseline == "moving_average":
-                correction = 1 - self.decay**self.count
-                baseline = self.average / correction if self.count else 0.0
-                with torch.no_grad():
-                    self.average.mul_(self.decay).add_(fd.mean(), alpha=1 - self.decay)
-                self.count += 1
-                signal = fd - baseline
-            elif self.baseline == "batch_mean":  # mean f of the other examples, all samples
-                per_example = fd.sum(0)  # [B]
-                signal = fd - (per_example.sum() - per_example) / ((B - 1) * S)
-            else:
-                signal = fd
-            surrogate = (f + signal * (log_q - log_q.detach())).mean(0)
+            surrogate, aux_loss = self.score_function(x, h, kl)
         elif name == "vimco":
-            z = self.sample(h)
-            log_q = self.log_q(h, z)
-            w = self.signal(x, z, kl, log_q)  # [S, B], the log weights
-            bound = torch.logsumexp(w, 0) - math.log(S)  # [B]
-            # L_{-s}: the bound with w_s replaced by the mean of the other log weights.
-            wd = w.detach()
-            rows = wd.repeat(S, 1, 1)  # [S (left out), S, B]
-            s = torch.arange(S, device=w.device)
-            rows[s, s] = (wd.sum(0) - wd) / (S - 1)
-            loo = torch.logsumexp(rows, 1) - math.log(S)  # [S, B]
-            surrogate = bound + ((bound.detach() - loo) * (log_q - log_q.detach())).sum(0)
+            surrogate = self.vimco(x, h, kl)
         elif name == "reparam":
             loc, scale = h
             z = loc + torch.randn(S, *loc.shape, dtype=loc.dtype, device=loc.device) * scale
@@ -309,35 +282,92 @@ class HandwrittenStep:
         elif name == "gumbel_rao":
             surrogate = (self.log_px(x, self.gumbel_rao(h)) - kl).mean(0)
         elif name == "gumbel_softmax":
-            eps = torch.finfo(h.dtype).eps
-            u = torch.rand(S, *h.shape, dtype=h.dtype, device=h.device).clamp(eps, 1 - eps)
-            if self.family == "bernoulli":  # binary Concrete: logistic noise, sigmoid
-                y = torch.sigmoid((h + u.log() - (-u).log1p()) / self.tau)
-                hard = (y.detach() > 0.5).to(h.dtype)
-            else:  # Gumbel noise, softmax over the classes
-                y = torch.softmax((h.log_softmax(-1) - (-u.log()).log()) / self.tau, -1)
-                hard = F.one_hot(y.detach().argmax(-1), self.C).to(h.dtype)
-            if self.st:
-                surrogate = (self.log_px(x, hard - y.detach() + y) - kl).mean(0)
-            else:
-                surrogate = (self.log_px(x, y) - kl).mean(0)
-                with torch.no_grad():  # the objective at exact samples, as the harness does
-                    self.log_px(x, hard)
-        else:  # arm, disarm: antithetic pair b, b~ from one uniform
-            theta = h.detach()
-            u = torch.rand(S, *theta.shape, dtype=theta.dtype, device=theta.device)
-            b = (u < torch.sigmoid(theta)).to(h.dtype)
-            b_anti = (u > torch.sigmoid(-theta)).to(h.dtype)
-            f = self.log_px(x, torch.cat([b, b_anti])) - kl  # [2S, B]
-            f_b, f_anti = f[:S], f[S:]
-            if name == "arm":  # (f(b~) - f(b)) (u - 1/2)
-                g = (f_anti - f_b).detach()[..., None] * (u - 0.5)
-            else:  # DisARM: ARM with u integrated out given the pair
-                df = (f_b - f_anti).detach()[..., None]  # [S, B, 1]
-                g = 0.5 * df * (1 - 2 * b_anti) * (b != b_anti).to(h.dtype) * theta.abs().sigmoid()
-            surrogate = (0.5 * (f_b + f_anti) + (g * (h - theta)).sum(-1)).mean(0)
-        loss = -surrogate.sum() / B
+            surrogate = self.gumbel_softmax(x, h, kl)
+        else:  # arm, disarm
+            surrogate = self.antithetic(x, h, kl)
+        loss = -surrogate.sum() / x.shape[0]
         return loss if aux_loss is None else loss + aux_loss
+
+    def score_function(
+        self, x: Tensor, h: Tensor, kl: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """REINFORCE (with its baseline), RLOO or NVIL: the surrogate ``[B]`` and NVIL's
+        baseline loss (None for the others)."""
+        S, B = self.S, x.shape[0]
+        aux_loss = None
+        z = self.sample(h)
+        log_q = self.log_q(h, z)
+        f = self.signal(x, z, kl, log_q)  # [S, B]
+        fd = f.detach()
+        if self.estimator == "rloo":
+            signal = fd - (fd.sum(0) - fd) / (S - 1)
+        elif self.estimator == "nvil":
+            signal, aux_loss, scale = self.nvil_signal(x, fd)
+            # normalize: the whole gradient (f's and the score term) divided by the scale.
+            f = fd + (f - fd) / scale
+            signal = signal / scale
+        elif self.baseline == "moving_average":
+            correction = 1 - self.decay**self.count
+            baseline = self.average / correction if self.count else 0.0
+            with torch.no_grad():
+                self.average.mul_(self.decay).add_(fd.mean(), alpha=1 - self.decay)
+            self.count += 1
+            signal = fd - baseline
+        elif self.baseline == "batch_mean":  # mean f of the other examples, all samples
+            per_example = fd.sum(0)  # [B]
+            signal = fd - (per_example.sum() - per_example) / ((B - 1) * S)
+        else:
+            signal = fd
+        return (f + signal * (log_q - log_q.detach())).mean(0), aux_loss
+
+    def vimco(self, x: Tensor, h: Tensor, kl: Tensor | None) -> Tensor:
+        """VIMCO's surrogate ``[B]``: the IWAE bound plus leave-one-out score terms."""
+        S = self.S
+        z = self.sample(h)
+        log_q = self.log_q(h, z)
+        w = self.signal(x, z, kl, log_q)  # [S, B], the log weights
+        bound = torch.logsumexp(w, 0) - math.log(S)  # [B]
+        # L_{-s}: the bound with w_s replaced by the mean of the other log weights.
+        wd = w.detach()
+        rows = wd.repeat(S, 1, 1)  # [S (left out), S, B]
+        s = torch.arange(S, device=w.device)
+        rows[s, s] = (wd.sum(0) - wd) / (S - 1)
+        loo = torch.logsumexp(rows, 1) - math.log(S)  # [S, B]
+        return bound + ((bound.detach() - loo) * (log_q - log_q.detach())).sum(0)
+
+    def gumbel_softmax(self, x: Tensor, h: Tensor, kl: Tensor | None) -> Tensor:
+        """Gumbel-softmax's surrogate ``[B]`` (straight-through with ``st``)."""
+        S = self.S
+        eps = torch.finfo(h.dtype).eps
+        u = torch.rand(S, *h.shape, dtype=h.dtype, device=h.device).clamp(eps, 1 - eps)
+        if self.family == "bernoulli":  # binary Concrete: logistic noise, sigmoid
+            y = torch.sigmoid((h + u.log() - (-u).log1p()) / self.tau)
+            hard = (y.detach() > 0.5).to(h.dtype)
+        else:  # Gumbel noise, softmax over the classes
+            y = torch.softmax((h.log_softmax(-1) - (-u.log()).log()) / self.tau, -1)
+            hard = F.one_hot(y.detach().argmax(-1), self.C).to(h.dtype)
+        if self.st:
+            return (self.log_px(x, hard - y.detach() + y) - kl).mean(0)
+        surrogate = (self.log_px(x, y) - kl).mean(0)
+        with torch.no_grad():  # the objective at exact samples, as the harness does
+            self.log_px(x, hard)
+        return surrogate
+
+    def antithetic(self, x: Tensor, h: Tensor, kl: Tensor | None) -> Tensor:
+        """ARM's or DisARM's surrogate ``[B]``: an antithetic pair ``b, b~`` from one uniform."""
+        S = self.S
+        theta = h.detach()
+        u = torch.rand(S, *theta.shape, dtype=theta.dtype, device=theta.device)
+        b = (u < torch.sigmoid(theta)).to(h.dtype)
+        b_anti = (u > torch.sigmoid(-theta)).to(h.dtype)
+        f = self.log_px(x, torch.cat([b, b_anti])) - kl  # [2S, B]
+        f_b, f_anti = f[:S], f[S:]
+        if self.estimator == "arm":  # (f(b~) - f(b)) (u - 1/2)
+            g = (f_anti - f_b).detach()[..., None] * (u - 0.5)
+        else:  # DisARM: ARM with u integrated out given the pair
+            df = (f_b - f_anti).detach()[..., None]  # [S, B, 1]
+            g = 0.5 * df * (1 - 2 * b_anti) * (b != b_anti).to(h.dtype) * theta.abs().sigmoid()
+        return (0.5 * (f_b + f_anti) + (g * (h - theta)).sum(-1)).mean(0)
 
     def nvil_signal(self, x: Tensor, fd: Tensor) -> tuple[Tensor, Tensor, Tensor | float]:
         """NVIL's learning signal ``f - b(x) - c`` (``[S, B]``), the baseline's loss

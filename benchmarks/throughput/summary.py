@@ -28,8 +28,6 @@ harness step takes 10% longer than the same model and estimator written by hand.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import time
@@ -39,67 +37,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-#: The keys that identify a case in ``extra_info``; a harness row and a hand-written row of
-#: the same case have equal keys.
-CASE_KEYS = ("label", "family", "batch_size", "num_samples", "arch", "device", "threads")
-
+import pandas as pd
 
 # --------------------------------------------------------------------- ratios from a JSON
 
 
-def load_benchmarks(path: str | Path) -> list[dict[str, Any]]:
-    """The benchmarks of a pytest-benchmark JSON: ``extra_info`` plus ``median_s``."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    rows = []
-    for bench in data.get("benchmarks", []):
-        info = dict(bench.get("extra_info") or {})
-        if "kind" not in info:
-            continue
-        info["median_s"] = float(bench["stats"]["median"])
-        rows.append(info)
-    return rows
+def ratio_frame(path: str | Path) -> pd.DataFrame:
+    """The ``harness_step`` rows of a pytest-benchmark JSON that have a ``handwritten_step``
+    of the same case, with ``ratio`` = harness / hand-written median (the report's
+    :func:`~benchmarks.report.records.with_reference`, so both divide the same way)."""
+    from benchmarks.report.records import load_throughput, with_reference
+
+    tp = with_reference(load_throughput([path]))
+    rows = tp[(tp["kind"] == "harness_step") & tp["ratio"].notna()]
+    order = ["device", "family", "label", "arch", "batch_size", "num_samples"]
+    return rows.sort_values([k for k in order if k in rows]).reset_index(drop=True)
 
 
-def ratio_rows(benchmarks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per case with both a ``harness_step`` and a ``handwritten_step`` timing:
-    the case keys, ``harness_ms``, ``handwritten_ms``, ``ratio`` (harness / hand-written),
-    and ``estimate_ms`` where the case has a single-estimate timing."""
-    by_kind: dict[str, dict[tuple, dict[str, Any]]] = {}
-    for b in benchmarks:
-        by_kind.setdefault(b["kind"], {})[tuple(b.get(k) for k in CASE_KEYS)] = b
-    hand = by_kind.get("handwritten_step", {})
-    estimate = by_kind.get("estimate", {})
-    rows = []
-    for key, h in by_kind.get("harness_step", {}).items():
-        if key not in hand:
-            continue
-        row = dict(zip(CASE_KEYS, key, strict=True))
-        row.update(
-            harness_ms=1e3 * h["median_s"],
-            handwritten_ms=1e3 * hand[key]["median_s"],
-            ratio=h["median_s"] / hand[key]["median_s"],
-            estimate_ms=1e3 * estimate[key]["median_s"] if key in estimate else math.nan,
-        )
-        rows.append(row)
-    order = ("device", "family", "label", "arch", "batch_size", "num_samples")
-    return sorted(rows, key=lambda r: tuple(str(r[k]).zfill(8) for k in order))
+def ratio_table(rows: pd.DataFrame) -> str:
+    """Markdown table of :func:`ratio_frame`: median times and their ratio per case."""
+    from benchmarks.report.tables import markdown_table
 
-
-def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of :func:`ratio_rows`."""
-    lines = [
-        "| estimator | family | arch | B | S | device | threads | harness (ms) "
-        "| hand-written (ms) | harness / hand-written |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['label']} | {r['family']} | {r['arch']} | {r['batch_size']} "
-            f"| {r['num_samples']} | {r['device']} | {r['threads']} | {r['harness_ms']:.2f} "
-            f"| {r['handwritten_ms']:.2f} | {r['ratio']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    cells = pd.DataFrame({
+        "estimator": rows["label"], "family": rows["family"], "arch": rows["arch"],
+        "B": rows["batch_size"], "S": rows["num_samples"], "device": rows["device"],
+        "threads": rows["threads"], "harness (ms)": (1e3 * rows["median_s"]).map("{:.2f}".format),
+        "hand-written (ms)": (1e3 * rows["ref_s"]).map("{:.2f}".format),
+        "harness / hand-written": rows["ratio"].map("{:.2f}".format),
+    })  # fmt: skip
+    return markdown_table(cells)
 
 
 # ------------------------------------------------------------------ interleaved measurement
@@ -108,12 +74,15 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
 def bootstrap_median_ci(
     values: Sequence[float], n_boot: int = 4000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the median of ``values`` (resampling the values)."""
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    medians = np.median(v[rng.integers(0, len(v), (n_boot, len(v)))], axis=1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(medians, alpha)), float(np.quantile(medians, 1 - alpha))
+    """Percentile-bootstrap interval of the median of ``values`` (``scipy.stats.bootstrap``,
+    resampling the values; seeded, so the interval is reproducible)."""
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        (np.asarray(values, dtype=float),), np.median, n_resamples=n_boot,
+        confidence_level=level, method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def interleaved_ratio(
@@ -328,16 +297,32 @@ def _loads(values: Sequence[float]) -> str:
     return ", ".join(f"{x:.2f}" for x in values)
 
 
+def _compile_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The cells of :func:`measure_compile`'s table."""
+    return pd.DataFrame(
+        [
+            [r["label"], r["family"], r["batch_size"], r["num_samples"],
+             f"{r['compiled_ms']:.2f}", f"{r['eager_ms']:.2f}", f"{r['ratio']:.3f}",
+             f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f"{r['compile_s']:.1f}"]
+            for r in rows
+        ],
+        columns=["estimator", "family", "B", "S", "compiled (ms)", "eager (ms)",
+                 "compiled / eager", "95% CI", "compile (s)"],
+    )  # fmt: skip
+
+
 def overhead_markdown(report: dict[str, Any]) -> str:
     """Markdown table of :func:`measure`'s result, with the machine's load."""
+    from benchmarks.report.tables import markdown_table, overhead_frame
+
     m = report["machine"]
     lines = [
         f"# Harness overhead on {m['device']} ({m['threads']} thread(s))",
         "",
         "Interleaved blocks of training steps, harness (`estimate_loss` + `optimizer_step`) "
-        "against the hand-written step (`benchmarks/handwritten.py`) of the same model; ratio "
-        "= median over blocks of harness time / hand-written time, 95% bootstrap interval "
-        "over blocks. Linear VAE, 784 pixels, 200 latents, Adam (fused: "
+        "against the hand-written step (`benchmarks/throughput/handwritten.py`) of the same "
+        "model; ratio = median over blocks of harness time / hand-written time, 95% bootstrap "
+        "interval over blocks. Linear VAE, 784 pixels, 200 latents, Adam (fused: "
         f"{report['results'][0]['fused_adam'] if report['results'] else '?'}).",
         "",
         f"- date: {m['date']}; torch {m['versions'].get('torch')}; commit "
@@ -357,20 +342,7 @@ def overhead_markdown(report: dict[str, Any]) -> str:
     )
     if m.get("note"):
         lines.append(f"- note: {m['note']}")
-    lines += [
-        "",
-        "| estimator | family | B | S | harness (ms) | hand-written (ms) | ratio | 95% CI "
-        "| target | met |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---|",
-    ]
-    for r in report["results"]:
-        target = "—" if r["target"] is None else f"≤ {r['target']:.2f}"
-        met = "—" if r["meets_target"] is None else ("yes" if r["meets_target"] else "**no**")
-        lines.append(
-            f"| {r['label']} | {r['family']} | {r['batch_size']} | {r['num_samples']} "
-            f"| {r['harness_ms']:.2f} | {r['handwritten_ms']:.2f} | {r['ratio']:.3f} "
-            f"| [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {target} | {met} |"
-        )
+    lines += ["", markdown_table(overhead_frame(pd.DataFrame(report["results"]))).rstrip()]
     if report.get("compile"):
         lines += [
             "",
@@ -378,16 +350,8 @@ def overhead_markdown(report: dict[str, Any]) -> str:
             "eager harness step (REBAR and RELAX need a double backward, which torch.compile "
             "does not support; `compile=true` refuses them):",
             "",
-            "| estimator | family | B | S | compiled (ms) | eager (ms) | compiled / eager "
-            "| 95% CI | compile (s) |",
-            "|---|---|---:|---:|---:|---:|---:|---|---:|",
+            markdown_table(_compile_frame(report["compile"])).rstrip(),
         ]
-        for r in report["compile"]:
-            lines.append(
-                f"| {r['label']} | {r['family']} | {r['batch_size']} | {r['num_samples']} "
-                f"| {r['compiled_ms']:.2f} | {r['eager_ms']:.2f} | {r['ratio']:.3f} "
-                f"| [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['compile_s']:.1f} |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -417,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give pytest-benchmark JSON files, or --measure")
     for path in args.json:
         print(f"## {path}\n")
-        print(ratio_table(ratio_rows(load_benchmarks(path))))
+        print(ratio_table(ratio_frame(path)))
     if args.measure:
         stem = Path(args.out_dir) / f"overhead_{args.device}"
         report = measure(args.device, args.threads, args.blocks, args.block_seconds, args.note)

@@ -87,10 +87,9 @@ def test_aux_loss_and_surrogate_are_isolated(name: str, family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_aux_training_reduces_variance(name: str, family: str) -> None:
     """Starting from eta = 0 (plain REINFORCE plus, for RELAX, an untrained network), 100
-    Adam steps on aux_loss cut the summed per-logit variance by more than 25% (observed
-    42-88%). Each summed variance over R = 4000 replicates has a relative SE of about 3%, so
-    the worst case sits ~6 SE of the log-ratio below the threshold (false-failure rate
-    < 1e-8)."""
+    Adam steps on aux_loss cut the summed per-logit variance by more than 25%. Each summed
+    variance over R = 4000 replicates has a relative SE of about 3%, so the worst case sits
+    ~6 SE of the log-ratio below the threshold (false-failure rate < 1e-8)."""
 
     def variance() -> float:
         torch.manual_seed(2)

@@ -86,9 +86,9 @@ def test_nvil_normalize_divides_every_gradient_by_the_running_scale() -> None:
 def test_nvil_learned_baseline_reduces_variance() -> None:
     """With f shifted by 10 + 3 x (x a per-example context feature), NVIL's input-dependent
     baseline trained 100 Adam steps on aux_loss brings the summed logit-gradient variance
-    below 5% of REINFORCE's (no baseline) and below 20% of NVIL's without context (observed
-    about 0.1% and 1%); variances over R = 2000 replicates, relative SE under 10%, so a false
-    failure needs a > 8 SE error (rate < 1e-9)."""
+    below 5% of REINFORCE's (no baseline) and below 20% of NVIL's without context; variances
+    over R = 2000 replicates, relative SE under 10%, so a false failure needs a > 8 SE error
+    (rate < 1e-9)."""
 
     def context(problem, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ import pytest
 
 from benchmarks.harness import checkpoint
 from benchmarks.harness.train import run
-from benchmarks.report import _io as report_io
+from benchmarks.records.files import write_text
 
 from .conftest import REPO, TINY, assert_same_run, env_for_cli, metrics, record
 
@@ -111,14 +111,14 @@ def test_a_full_disk_while_writing_a_report_keeps_the_previous_report(
     """Fault: ENOSPC while the report writes ``report.md`` again. Property: an OSError naming
     the file; the previous report.md is intact; no temporary file is left."""
     path = tmp_path / "report.md"
-    report_io.write_text(path, "# first\n")
+    write_text(path, "# first\n")
 
     def fsync(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(OSError, match="No space left") as info:
-        report_io.write_text(path, "# second\n")
+        write_text(path, "# second\n")
     assert str(path) in str(info.value)
     assert path.read_text() == "# first\n" and [p.name for p in tmp_path.iterdir()] == [path.name]
 

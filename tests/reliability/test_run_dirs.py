@@ -78,8 +78,8 @@ def test_an_unusable_output_dir_is_an_error_naming_it_not_an_endless_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 13 item 8. A dangling ``results`` symbolic link or a file where a folder must be
-    makes ``unique_dir`` raise OutputDirError naming the culprit at once (it used to retry
-    forever at 100% CPU); after ``MAX_CLAIMS`` taken names it gives up too."""
+    makes ``unique_dir`` raise OutputDirError naming the culprit at once (instead of retrying
+    forever); after ``MAX_CLAIMS`` taken names it gives up too."""
     (tmp_path / "results").symlink_to(tmp_path / "nowhere")
     base = str(tmp_path / "results" / "runs" / "12-00-00")
     assert in_child(unique_dir, base, timeout=60) == 1  # raised, did not loop

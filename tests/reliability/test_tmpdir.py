@@ -12,7 +12,6 @@ import pytest
 from benchmarks.harness import checkpoint
 from benchmarks.harness.train import run
 from benchmarks.records import files as records
-from benchmarks.report import _io as report_io
 
 from .conftest import record
 
@@ -51,7 +50,7 @@ def test_temporary_files_live_beside_their_destination_when_tmpdir_is_elsewhere(
         run_dir = tmp_path / "run"
         assert run(tiny("steps=10"), run_dir) == "completed"
         assert run(tiny("steps=15"), run_dir) == "completed"  # resume, rotate checkpoints
-        report_io.write_text(tmp_path / "report" / "report.md", "# report\n")
+        records.write_text(tmp_path / "report" / "report.md", "# report\n")
         records.write_json(tmp_path / "report" / "x.json", {"a": 1})
 
         assert moves and all(src.parent == dst.parent for src, dst in moves), moves

@@ -14,8 +14,7 @@ import pytest
 
 from benchmarks.harness import checkpoint
 from benchmarks.harness.train import run
-from benchmarks.records.files import FAULT_ENV
-from benchmarks.report import _io as report_io
+from benchmarks.records.files import FAULT_ENV, write_text
 
 from .conftest import RUN_FILES, assert_same_run, in_child
 
@@ -117,7 +116,7 @@ def test_kill_at_more_writes_of_each_file(
 
 def _write_reports(path: Path) -> None:
     for version in ("one", "two", "three"):
-        report_io.write_text(path, f"# report {version}\n")
+        write_text(path, f"# report {version}\n")
 
 
 @pytest.mark.parametrize("phase", ["before_fsync", "before_replace"])
@@ -130,7 +129,7 @@ def test_kill_while_writing_a_report_file_keeps_the_previous_report(
     code = in_child(_write_reports, path, env={FAULT_ENV: f"report.md:2:{phase}"})
     assert code == -signal.SIGKILL
     assert path.read_text() == "# report one\n"
-    report_io.write_text(path, "# report four\n")
+    write_text(path, "# report four\n")
     assert path.read_text() == "# report four\n"
 
 
