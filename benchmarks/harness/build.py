@@ -55,14 +55,10 @@ def temperature_schedule(est_cfg: dict[str, Any]) -> TemperatureSchedule | None:
     Only estimators with a ``temperature`` buffer have the schedule keys (see
     :func:`benchmarks.harness.config.estimator_schema`); a learned temperature is never scheduled.
     """
-    if float(est_cfg.get("anneal_rate") or 0.0) == 0.0:
+    if not est_cfg.get("anneal_rate"):
         return None
-    return TemperatureSchedule(
-        initial=float(est_cfg["temperature"]),
-        rate=float(est_cfg.get("anneal_rate", 0.0)),
-        minimum=float(est_cfg.get("min_temperature", 0.5)),
-        every=int(est_cfg.get("anneal_every", 1000)),
-    )
+    given = {arg: est_cfg[key] for key, arg in SCHEDULE_KEYS.items() if key in est_cfg}
+    return TemperatureSchedule(float(est_cfg["temperature"]), **given)
 
 
 def estimator_label(est_cfg: dict[str, Any], schedule: TemperatureSchedule | None) -> str:

@@ -1,14 +1,18 @@
 """Structured-config schemas of ``gradbench-train``, registered in Hydra's ConfigStore.
 
 Every YAML file under ``conf/`` is merged onto one of these dataclasses, so a misspelt key or a
-value of the wrong type fails when Hydra composes the config, before any work is done. Checks of
-*values* (allowed names, ranges, data files) happen in :func:`.validate.validate`.
+value of the wrong type fails when Hydra composes the config, before any work is done. The
+schemas are the one home of every config default: a YAML file holds only what differs. A field
+with enumerated values declares them beside its default (:func:`choice`), and
+:func:`check_choices` checks them all; the other value checks (ranges, data files) are in
+:func:`.validate.validate`.
 
 The estimator schemas are generated from the estimator registry: ``schema/estimator/<name>``
-has one field per option of ``estimators.get(name, ...)`` (typed by its default) plus the
-harness keys :data:`HARNESS_ESTIMATOR_KEYS`, so a new estimator needs only its YAML file
-``conf/estimator/<name>.yaml``. Estimators that keep a ``temperature`` buffer also get the keys
-of a temperature schedule (``anneal_rate``, ``min_temperature``, ``anneal_every``), which the
+has one field per option of the registered class (its ``__init__`` signature: name, type by
+default, default) plus the harness keys :data:`HARNESS_ESTIMATOR_KEYS`, so a new estimator
+needs only its YAML file ``conf/estimator/<name>.yaml`` (the ``defaults`` line). Estimators
+that keep a ``temperature`` buffer also get the keys of a temperature schedule
+(:data:`SCHEDULE_KEYS`, defaults from :class:`.schedules.TemperatureSchedule`), which the
 harness applies and never passes to ``estimators.get``.
 """
 
@@ -29,6 +33,7 @@ from omegaconf import MISSING, OmegaConf
 import estimators
 from benchmarks.data.datasets import BINARIZATIONS, DATASETS
 from benchmarks.harness.errors import ConfigError
+from benchmarks.harness.schedules import TemperatureSchedule
 from benchmarks.harness.vae import ACTIVATIONS, ARCHS, KL_MODES
 from estimators import FAMILIES
 
@@ -37,8 +42,13 @@ from estimators import FAMILIES
 
 #: Keys under ``estimator.`` that belong to the harness, not to ``estimators.get``.
 HARNESS_ESTIMATOR_KEYS: tuple[str, ...] = ("name", "label")
-#: Keys of the temperature schedule, added for estimators with a ``temperature`` buffer.
-SCHEDULE_KEYS: tuple[str, ...] = ("anneal_rate", "min_temperature", "anneal_every")
+#: Keys of the temperature schedule, added for estimators with a ``temperature`` buffer: each
+#: sets an argument of :class:`.schedules.TemperatureSchedule`, whose signature holds the default.
+SCHEDULE_KEYS: dict[str, str] = {
+    "anneal_rate": "rate",
+    "min_temperature": "minimum",
+    "anneal_every": "every",
+}
 
 
 #: ``device``: where a run trains (``auto``: CUDA if available, else CPU).
@@ -49,7 +59,9 @@ SWITCHES: tuple[str, ...] = ("auto", "true", "false")
 EVAL_SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-def choice(default: Any, choices: Iterable[str], option: str | None = None, **kw: Any) -> Any:
+def choice(
+    default: Any, choices: Iterable[str], option: str | None = None, ignore_case: bool = False
+) -> Any:
     """A schema field whose value (each value, for a list) must be one of ``choices``.
 
     The allowed values sit beside the default, in the field's metadata, and
@@ -57,10 +69,10 @@ def choice(default: Any, choices: Iterable[str], option: str | None = None, **kw
     the dotted key); ``ignore_case`` compares ``str(value).lower()`` (for switches that YAML
     may read as booleans).
     """
-    meta = {"choices": tuple(choices), "option": option, "ignore_case": kw.pop("ignore_case", 0)}
+    meta = {"choices": tuple(choices), "option": option, "ignore_case": ignore_case}
     if callable(default):
-        return field(default_factory=default, metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -68,14 +80,12 @@ class ModelConfig:
     """The VAE (``benchmarks.harness.vae.VAE``); ``model=<family>`` picks the family."""
 
     family: str = choice(MISSING, FAMILIES)  # latent family (set by conf/model/<family>.yaml)
-    arch: str = choice("linear", ARCHS)  # linear (one linear map each way) | nonlinear (two
-    # hidden layers)
+    arch: str = choice("linear", ARCHS)  # linear: one map each way; nonlinear: 2 hidden layers
     latent_dim: int = 200  # latent variables (categorical: number of variables)
     n_categories: int = 10  # categories per variable (categorical family only)
     hidden_dim: int = 200  # width of the two hidden layers (nonlinear arch only)
     activation: str = choice("leaky_relu", ACTIVATIONS)  # hidden activation (nonlinear arch)
-    kl: str = choice("analytic", KL_MODES)  # learning signal: analytic (log p(x|z) - KL) |
-    # sampled (log p(x,z) - log q(z|x))
+    kl: str = choice("analytic", KL_MODES)  # f: log p(x|z) - KL, or sampled log p(x,z) - log q
     init_output_bias: bool = True  # decoder output bias = logit(mean training image)
 
 
@@ -85,8 +95,7 @@ class DataConfig:
 
     name: str = choice(MISSING, DATASETS, option="data")  # set by conf/data/<name>.yaml
     root: Optional[str] = None  # data root for file-based sets; null: $GRADBENCH_DATA or cache
-    binarization: str = choice("dynamic", BINARIZATIONS)  # dynamic (fresh draw per batch) |
-    # static (one fixed draw)
+    binarization: str = choice("dynamic", BINARIZATIONS)  # dynamic: a draw per batch; static
 
 
 @dataclass
@@ -262,11 +271,10 @@ def estimator_schema(name: str) -> type:
         else:
             fields.append((option, _field_type(default), field(default=default)))
     if has_temperature_buffer(name):
-        fields += [
-            ("anneal_rate", float, field(default=0.0)),
-            ("min_temperature", float, field(default=0.5)),
-            ("anneal_every", int, field(default=1000)),
-        ]
+        schedule = inspect.signature(TemperatureSchedule).parameters
+        for key, arg in SCHEDULE_KEYS.items():
+            default = schedule[arg].default
+            fields.append((key, _field_type(default), field(default=default)))
     return dataclasses.make_dataclass(f"EstimatorConfig_{name}", fields)
 
 
