@@ -52,6 +52,7 @@ class _AntitheticPair(EstimatorBase):
         return Estimate(fz.detach().mean(0), surrogate, None, 2 * num_samples)
 
 
+@register("arm")
 class ARM(_AntitheticPair):
     r"""Augment-REINFORCE-merge: antithetic pair weighted by ``u - 1/2``.
 
@@ -89,6 +90,7 @@ class ARM(_AntitheticPair):
         return -df * (u - 0.5)
 
 
+@register("disarm")
 class DisARM(_AntitheticPair):
     r"""DisARM: ARM with the augmentation integrated out (ARM Rao-Blackwellized given the pair).
 
@@ -123,15 +125,3 @@ class DisARM(_AntitheticPair):
     ) -> Tensor:
         sign = 1.0 - 2.0 * b_anti  # (-1)^{b~}
         return 0.5 * df * sign * (b != b_anti).to(df.dtype) * torch.sigmoid(logits.abs())
-
-
-@register("arm", ARM.families)
-def arm(num_samples: int = 1) -> ARM:
-    """ARM (Yin & Zhou 2019); see :class:`ARM`."""
-    return ARM(num_samples=num_samples)
-
-
-@register("disarm", DisARM.families)
-def disarm(num_samples: int = 1) -> DisARM:
-    """DisARM (Dong, Mnih & Tucker 2020); see :class:`DisARM`."""
-    return DisARM(num_samples=num_samples)

@@ -56,6 +56,7 @@ def _linearized(loss: Tensor, params: list[Tensor]) -> Tensor:
     return out
 
 
+@register("rebar")
 class REBAR(EstimatorBase):
     r"""REBAR: REINFORCE with the scaled concrete relaxation as control variate.
 
@@ -167,6 +168,7 @@ class REBAR(EstimatorBase):
         )
 
 
+@register("relax")
 class RELAX(REBAR):
     r"""RELAX: REBAR's control variate plus a learned network of the perturbed logits.
 
@@ -223,21 +225,3 @@ class RELAX(REBAR):
         flat = z.reshape(*z.shape[: 1 + batch_ndim], -1)  # [S, *B, prod(E)]
         r = self.net(flat.to(self.net[-1].weight.dtype)).squeeze(-1).to(f_relaxed.dtype)
         return super().control_variate(z, f_relaxed, batch_ndim) + r
-
-
-@register("rebar", REBAR.families)
-def rebar(temperature: float = 0.5, eta: float = 1.0, num_samples: int = 1) -> REBAR:
-    """REBAR (Tucker et al. 2017); see :class:`REBAR`."""
-    return REBAR(temperature, eta, num_samples)
-
-
-@register("relax", RELAX.families)
-def relax(
-    temperature: float = 0.5,
-    eta: float = 1.0,
-    hidden: int = 32,
-    input_dim: int | None = None,
-    num_samples: int = 1,
-) -> RELAX:
-    """RELAX (Grathwohl et al. 2018); see :class:`RELAX`."""
-    return RELAX(temperature, eta, hidden, input_dim, num_samples)

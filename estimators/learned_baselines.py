@@ -49,6 +49,7 @@ def skip_uninitialized(module: nn.Module) -> None:
     module.register_load_state_dict_post_hook(allow_missing)
 
 
+@register("nvil")
 class NVIL(EstimatorBase):
     r"""Neural variational inference and learning: REINFORCE with a learned input baseline.
 
@@ -169,6 +170,7 @@ class NVIL(EstimatorBase):
         return f"decay={self.decay}, normalize={self.normalize}, num_samples={self.num_samples}"
 
 
+@register("vimco")
 class VIMCO(EstimatorBase):
     r"""VIMCO: the multi-sample (IWAE) bound with leave-one-out learning signals.
 
@@ -207,6 +209,9 @@ class VIMCO(EstimatorBase):
     min_samples = 2
     objective_kind: ClassVar[str] = "iwae"
 
+    def __init__(self, num_samples: int = 2) -> None:
+        super().__init__(num_samples)
+
     def estimate(
         self,
         dist: Distribution,
@@ -228,21 +233,3 @@ class VIMCO(EstimatorBase):
         signal = bound.detach() - loo_bound  # [S, *B]
         surrogate = bound + (signal * (log_q - log_q.detach())).sum(0)
         return Estimate(bound.detach(), surrogate, None, num_samples)
-
-
-@register("nvil", NVIL.families)
-def nvil(
-    hidden: int = 100,
-    context_dim: int | None = None,
-    decay: float = 0.99,
-    normalize: bool = False,
-    num_samples: int = 1,
-) -> NVIL:
-    """NVIL (Mnih & Gregor 2014); see :class:`NVIL`."""
-    return NVIL(hidden, context_dim, decay, normalize, num_samples)
-
-
-@register("vimco", VIMCO.families)
-def vimco(num_samples: int = 2) -> VIMCO:
-    """VIMCO (Mnih & Rezende 2016); see :class:`VIMCO`."""
-    return VIMCO(num_samples=num_samples)

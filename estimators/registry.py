@@ -1,27 +1,35 @@
-"""The public namespace of estimators: registry name -> module-level factory."""
+"""The public namespace of estimators: registry name -> estimator class.
+
+A class is registered with :func:`register` (``@register("rloo")`` above its definition), so
+its ``__init__`` signature is the one home of its options and their defaults, and its
+``families`` attribute the one home of the latent families it supports.
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:  # base imports this module for its error messages
     from estimators.base import EstimatorBase
 
-Factory = Callable[..., "EstimatorBase"]
+E = TypeVar("E", bound="type[EstimatorBase]")
 
-_REGISTRY: dict[str, tuple[Factory, frozenset[str]]] = {}
+_REGISTRY: dict[str, type[EstimatorBase]] = {}
 
 
-def register(name: str, families: frozenset[str]) -> Callable[[Factory], Factory]:
-    """Register ``factory`` under ``name`` (also its config file name) with its families."""
+def register(name: str) -> Callable[[E], E]:
+    """Register the estimator class under ``name`` (its ``name`` attribute and config file
+    name); its families are its ``families`` attribute."""
 
-    def wrap(factory: Factory) -> Factory:
+    def wrap(cls: E) -> E:
         if name in _REGISTRY:
             raise ValueError(f"estimator {name!r} is registered twice")
-        _REGISTRY[name] = (factory, frozenset(families))
-        return factory
+        if cls.name != name:
+            raise ValueError(f"{cls.__name__}.name is {cls.name!r}, registered as {name!r}")
+        _REGISTRY[name] = cls
+        return cls
 
     return wrap
 
@@ -33,17 +41,17 @@ def available() -> list[str]:
 
 def families(name: str) -> frozenset[str]:
     """Latent families the estimator ``name`` supports."""
-    return _lookup(name)[1]
+    return frozenset(_lookup(name).families)
 
 
 def supporting(family: str) -> list[str]:
     """Names of the estimators that support ``family``, sorted."""
-    return sorted(n for n, (_, fams) in _REGISTRY.items() if family in fams)
+    return sorted(n for n, cls in _REGISTRY.items() if family in cls.families)
 
 
 def options(name: str) -> dict[str, object]:
-    """The options of estimator ``name`` with their defaults."""
-    sig = inspect.signature(_lookup(name)[0])
+    """The options of estimator ``name`` with their defaults (its class's signature)."""
+    sig = inspect.signature(_lookup(name))
     return {p.name: p.default for p in sig.parameters.values()}
 
 
@@ -53,7 +61,7 @@ def get(name: str, **opts: object) -> EstimatorBase:
     Raises ``ValueError`` naming the estimator and the allowed names or options when ``name``
     is unknown, an option does not exist, or an option's value is out of range.
     """
-    factory, _ = _lookup(name)
+    cls = _lookup(name)
     allowed = options(name)
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
@@ -61,10 +69,10 @@ def get(name: str, **opts: object) -> EstimatorBase:
             f"{name}: unknown option(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(allowed) or '(none)'}"
         )
-    return factory(**opts)
+    return cls(**opts)
 
 
-def _lookup(name: str) -> tuple[Factory, frozenset[str]]:
+def _lookup(name: str) -> type[EstimatorBase]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(available())}")
     return _REGISTRY[name]

@@ -34,6 +34,7 @@ def float_logits(dist: Distribution) -> tuple[Tensor, torch.dtype]:
     return (logits.float() if dtype in _UPCAST else logits), dtype
 
 
+@register("gumbel_softmax")
 class GumbelSoftmax(EstimatorBase):
     r"""Gumbel-softmax / Concrete relaxation, optionally straight-through.
 
@@ -104,14 +105,6 @@ class GumbelSoftmax(EstimatorBase):
             f"temperature={float(self.temperature):g}, straight_through={self.straight_through},"
             f" num_samples={self.num_samples}"
         )
-
-
-@register("gumbel_softmax", GumbelSoftmax.families)
-def gumbel_softmax(
-    temperature: float = 1.0, straight_through: bool = False, num_samples: int = 1
-) -> GumbelSoftmax:
-    """Gumbel-softmax / Concrete (Jang et al. 2017; Maddison et al. 2017)."""
-    return GumbelSoftmax(temperature, straight_through, num_samples)
 
 
 # Straight-through estimators and the exact conditional noise that REBAR, RELAX and Gumbel-Rao
@@ -196,6 +189,7 @@ def soften(z: Tensor, family: str, temperature: Tensor | float) -> Tensor:
     return torch.softmax(z / temperature, -1)
 
 
+@register("straight_through")
 class StraightThrough(EstimatorBase):
     r"""Straight-through: the hard sample forward, the identity to the probabilities backward.
 
@@ -240,6 +234,7 @@ class StraightThrough(EstimatorBase):
         return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
 
 
+@register("gumbel_rao")
 class GumbelRao(EstimatorBase):
     r"""Gumbel-Rao: straight-through Gumbel-softmax, Rao-Blackwellized over the noise.
 
@@ -304,17 +299,3 @@ class GumbelRao(EstimatorBase):
             f"temperature={float(self.temperature):g}, num_rao_samples={self.num_rao_samples},"
             f" num_samples={self.num_samples}"
         )
-
-
-@register("straight_through", StraightThrough.families)
-def straight_through(num_samples: int = 1) -> StraightThrough:
-    """Straight-through estimator (Bengio et al. 2013); see :class:`StraightThrough`."""
-    return StraightThrough(num_samples=num_samples)
-
-
-@register("gumbel_rao", GumbelRao.families)
-def gumbel_rao(
-    temperature: float = 1.0, num_rao_samples: int = 10, num_samples: int = 1
-) -> GumbelRao:
-    """Rao-Blackwellized ST-Gumbel-softmax (Paulus et al. 2021); see :class:`GumbelRao`."""
-    return GumbelRao(temperature, num_rao_samples, num_samples)

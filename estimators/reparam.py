@@ -9,6 +9,7 @@ from estimators.base import Estimate, EstimatorBase, Objective
 from estimators.registry import register
 
 
+@register("reparam")
 class Reparam(EstimatorBase):
     r"""Pathwise gradient through ``rsample``.
 
@@ -47,9 +48,3 @@ class Reparam(EstimatorBase):
         fz = f(z)  # [S, *B]
         mean = fz.mean(0)
         return Estimate(mean.detach(), mean, None, num_samples)
-
-
-@register("reparam", Reparam.families)
-def reparam(num_samples: int = 1) -> Reparam:
-    """Pathwise estimator (Kingma & Welling 2014); see :class:`Reparam`."""
-    return Reparam(num_samples=num_samples)

@@ -17,6 +17,7 @@ from estimators.baselines import leave_one_out_mean, make_baseline
 from estimators.registry import register
 
 
+@register("reinforce")
 class Reinforce(EstimatorBase):
     r"""Score-function estimator with a baseline.
 
@@ -70,6 +71,7 @@ class Reinforce(EstimatorBase):
         return f"baseline={self.baseline_name!r}, num_samples={self.num_samples}"
 
 
+@register("rloo")
 class RLOO(EstimatorBase):
     r"""REINFORCE leave-one-out: each sample's baseline is the mean of the other samples.
 
@@ -96,6 +98,9 @@ class RLOO(EstimatorBase):
     families = frozenset(FAMILIES)
     min_samples = 2
 
+    def __init__(self, num_samples: int = 2) -> None:
+        super().__init__(num_samples)
+
     def estimate(
         self,
         dist: Distribution,
@@ -108,15 +113,3 @@ class RLOO(EstimatorBase):
         fd = fz.detach()
         surrogate = score_surrogate(fz, log_q, fd - leave_one_out_mean(fd)).mean(0)
         return Estimate(fd.mean(0), surrogate, None, num_samples)
-
-
-@register("reinforce", Reinforce.families)
-def reinforce(baseline: str = "none", decay: float = 0.99, num_samples: int = 1) -> Reinforce:
-    """REINFORCE with a baseline (Williams 1992); see :class:`Reinforce`."""
-    return Reinforce(baseline=baseline, decay=decay, num_samples=num_samples)
-
-
-@register("rloo", RLOO.families)
-def rloo(num_samples: int = 2) -> RLOO:
-    """REINFORCE leave-one-out (Kool et al. 2019); see :class:`RLOO`."""
-    return RLOO(num_samples=num_samples)

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.harness import supervise
+from benchmarks.harness.config import renamed_override
 from benchmarks.harness.train import run
 from benchmarks.records.files import atomic_write_bytes
 from benchmarks.records.runs import (
@@ -109,11 +110,18 @@ def main() -> None:
     """Entry point of ``gradbench-train`` and ``python -m benchmarks.train``.
 
     Hydra's argument parser rejects overrides after a flag, so ``-m`` / ``--multirun`` are
-    moved in front first: ``gradbench-train experiment=quick --multirun ...`` works.
+    moved in front first: ``gradbench-train experiment=quick --multirun ...`` works. An
+    override of a renamed group or key (``variant=``, ``debug.*``) is refused naming the new
+    one (``pairing=``, ``faults.*``).
     """
     args = sys.argv[1:]
     flags = [a for a in args if a in ("-m", "--multirun")]
     sys.argv[1:] = flags + [a for a in args if a not in flags]
+    for arg in args:  # an old spelling: one line naming the new one, exit 1
+        refusal = None if arg.startswith("-") else renamed_override(arg)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            sys.exit(1)
     _exit.clear()
     app()
     if _exit:  # a single run refused or failed: its message, exit 1

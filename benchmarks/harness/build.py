@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parameter import is_lazy
 
 import estimators
@@ -17,13 +18,21 @@ from benchmarks.data.datasets import (
     Dataset,
     load_dataset,
 )
-from benchmarks.harness.config import HARNESS_ESTIMATOR_KEYS, SCHEDULE_KEYS
+from benchmarks.harness.config import HARNESS_ESTIMATOR_KEYS, SCHEDULE_KEYS, OptimConfig
 from benchmarks.harness.errors import ConfigError
 from benchmarks.harness.schedules import TemperatureSchedule
 from benchmarks.harness.vae import VAE
 
-#: Config keys that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES: tuple[str, ...] = ("steps", "progress", "threads", "debug", "supervise")
+#: Config keys that may change when a run is resumed (everything else must match); ``debug``
+#: is the key of ``faults`` in records written before it was renamed.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "steps",
+    "progress",
+    "threads",
+    "faults",
+    "debug",
+    "supervise",
+)
 
 
 def estimator_options(est_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -46,14 +55,10 @@ def temperature_schedule(est_cfg: dict[str, Any]) -> TemperatureSchedule | None:
     Only estimators with a ``temperature`` buffer have the schedule keys (see
     :func:`benchmarks.harness.config.estimator_schema`); a learned temperature is never scheduled.
     """
-    if float(est_cfg.get("anneal_rate") or 0.0) == 0.0:
+    if not est_cfg.get("anneal_rate"):
         return None
-    return TemperatureSchedule(
-        initial=float(est_cfg["temperature"]),
-        rate=float(est_cfg.get("anneal_rate", 0.0)),
-        minimum=float(est_cfg.get("min_temperature", 0.5)),
-        every=int(est_cfg.get("anneal_every", 1000)),
-    )
+    given = {arg: est_cfg[key] for key, arg in SCHEDULE_KEYS.items() if key in est_cfg}
+    return TemperatureSchedule(float(est_cfg["temperature"]), **given)
 
 
 def estimator_label(est_cfg: dict[str, Any], schedule: TemperatureSchedule | None) -> str:
@@ -169,14 +174,19 @@ def show_progress(setting: str, multirun: bool) -> bool:
 def make_optimizer(
     params: list[torch.nn.Parameter], cfg: DictConfig
 ) -> tuple[torch.optim.Optimizer, bool]:
-    """Adam over ``params``; fused where torch supports it (``optim.fused: null``)."""
-    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    """The optimizer of ``cfg`` (``optim``: ``_target_``, default ``torch.optim.Adam``) over
+    ``params``, and whether it is fused: Hydra's ``instantiate`` builds the partial from every
+    key but ``batch_size`` and ``fused``; ``fused: null`` uses the fused kernel where torch
+    supports it. Keys missing from ``cfg`` take their :class:`.config.OptimConfig` defaults."""
+    cfg = OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg)
+    keys = [k for k in cfg if k not in ("batch_size", "fused")]
+    factory = instantiate(OmegaConf.masked_copy(cfg, keys), _convert_="all")
     if cfg.fused is not None:
-        return torch.optim.Adam(params, fused=bool(cfg.fused), **kwargs), bool(cfg.fused)
+        return factory(params, fused=bool(cfg.fused)), bool(cfg.fused)
     try:
-        return torch.optim.Adam(params, fused=True, **kwargs), True
+        return factory(params, fused=True), True
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, **kwargs), False
+        return factory(params), False
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

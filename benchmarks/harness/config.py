@@ -1,14 +1,18 @@
 """Structured-config schemas of ``gradbench-train``, registered in Hydra's ConfigStore.
 
 Every YAML file under ``conf/`` is merged onto one of these dataclasses, so a misspelt key or a
-value of the wrong type fails when Hydra composes the config, before any work is done. Checks of
-*values* (allowed names, ranges, data files) happen in :func:`.validate.validate`.
+value of the wrong type fails when Hydra composes the config, before any work is done. The
+schemas are the one home of every config default: a YAML file holds only what differs. A field
+with enumerated values declares them beside its default (:func:`choice`), and
+:func:`check_choices` checks them all; the other value checks (ranges, data files) are in
+:func:`.validate.validate`.
 
 The estimator schemas are generated from the estimator registry: ``schema/estimator/<name>``
-has one field per option of ``estimators.get(name, ...)`` (typed by its default) plus the
-harness keys :data:`HARNESS_ESTIMATOR_KEYS`, so a new estimator needs only its YAML file
-``conf/estimator/<name>.yaml``. Estimators that keep a ``temperature`` buffer also get the keys
-of a temperature schedule (``anneal_rate``, ``min_temperature``, ``anneal_every``), which the
+has one field per option of the registered class (its ``__init__`` signature: name, type by
+default, default) plus the harness keys :data:`HARNESS_ESTIMATOR_KEYS`, so a new estimator
+needs only its YAML file ``conf/estimator/<name>.yaml`` (the ``defaults`` line). Estimators
+that keep a ``temperature`` buffer also get the keys of a temperature schedule
+(:data:`SCHEDULE_KEYS`, defaults from :class:`.schedules.TemperatureSchedule`), which the
 harness applies and never passes to ``estimators.get``.
 """
 
@@ -18,6 +22,7 @@ import atexit
 import dataclasses
 import inspect
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,49 +31,86 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 import estimators
+from benchmarks.data.datasets import BINARIZATIONS, DATASETS
+from benchmarks.harness.errors import ConfigError
+from benchmarks.harness.schedules import TemperatureSchedule
+from benchmarks.harness.vae import ACTIVATIONS, ARCHS, KL_MODES
+from estimators import FAMILIES
 
 # Optional[...] rather than "X | None": OmegaConf 2.3 reads typing.Optional only.
 # ruff: noqa: UP045
 
 #: Keys under ``estimator.`` that belong to the harness, not to ``estimators.get``.
 HARNESS_ESTIMATOR_KEYS: tuple[str, ...] = ("name", "label")
-#: Keys of the temperature schedule, added for estimators with a ``temperature`` buffer.
-SCHEDULE_KEYS: tuple[str, ...] = ("anneal_rate", "min_temperature", "anneal_every")
+#: Keys of the temperature schedule, added for estimators with a ``temperature`` buffer: each
+#: sets an argument of :class:`.schedules.TemperatureSchedule`, whose signature holds the default.
+SCHEDULE_KEYS: dict[str, str] = {
+    "anneal_rate": "rate",
+    "min_temperature": "minimum",
+    "anneal_every": "every",
+}
+
+
+#: ``device``: where a run trains (``auto``: CUDA if available, else CPU).
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: ``progress`` and ``supervise``: ``auto`` (the setting's own rule), or on / off.
+SWITCHES: tuple[str, ...] = ("auto", "true", "false")
+#: ``eval.splits``: the splits an evaluation may cover.
+EVAL_SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def choice(
+    default: Any, choices: Iterable[str], option: str | None = None, ignore_case: bool = False
+) -> Any:
+    """A schema field whose value (each value, for a list) must be one of ``choices``.
+
+    The allowed values sit beside the default, in the field's metadata, and
+    :func:`check_choices` checks every such field; ``option`` is the name errors use (default:
+    the dotted key); ``ignore_case`` compares ``str(value).lower()`` (for switches that YAML
+    may read as booleans).
+    """
+    meta = {"choices": tuple(choices), "option": option, "ignore_case": ignore_case}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    """The VAE (``benchmarks.harness.vae.VAE``)."""
+    """The VAE (``benchmarks.harness.vae.VAE``); ``model=<family>`` picks the family."""
 
-    family: str = "bernoulli"  # latent family: gaussian | bernoulli | categorical
-    arch: str = "linear"  # linear (one linear map each way) | nonlinear (two hidden layers)
+    family: str = choice(MISSING, FAMILIES)  # latent family (set by conf/model/<family>.yaml)
+    arch: str = choice("linear", ARCHS)  # linear: one map each way; nonlinear: 2 hidden layers
     latent_dim: int = 200  # latent variables (categorical: number of variables)
     n_categories: int = 10  # categories per variable (categorical family only)
     hidden_dim: int = 200  # width of the two hidden layers (nonlinear arch only)
-    activation: str = "leaky_relu"  # hidden activation: leaky_relu | tanh
-    kl: str = "analytic"  # learning signal: analytic (log p(x|z) - KL) | sampled
+    activation: str = choice("leaky_relu", ACTIVATIONS)  # hidden activation (nonlinear arch)
+    kl: str = choice("analytic", KL_MODES)  # f: log p(x|z) - KL, or sampled log p(x,z) - log q
     init_output_bias: bool = True  # decoder output bias = logit(mean training image)
 
 
 @dataclass
 class DataConfig:
-    """The data set (``benchmarks.data.datasets``)."""
+    """The data set (``benchmarks.data.datasets``); ``data=<name>`` picks it."""
 
-    name: str = "mnist_subset"  # one of benchmarks.data.datasets.DATASETS
+    name: str = choice(MISSING, DATASETS, option="data")  # set by conf/data/<name>.yaml
     root: Optional[str] = None  # data root for file-based sets; null: $GRADBENCH_DATA or cache
-    binarization: str = "dynamic"  # dynamic (fresh draw per batch) | static (one fixed draw)
+    binarization: str = choice("dynamic", BINARIZATIONS)  # dynamic: a draw per batch; static
 
 
 @dataclass
 class OptimConfig:
-    """The optimizer."""
+    """The optimizer, built by Hydra's ``instantiate`` from ``_target_`` as a partial that
+    :func:`.build.make_optimizer` calls with the parameters; every key but ``batch_size`` is
+    an argument of the optimizer."""
 
-    name: str = "adam"  # only adam
+    _target_: str = "torch.optim.Adam"  # the optimizer class
+    _partial_: bool = True  # instantiate gives a partial; make_optimizer adds the parameters
     lr: float = 1e-3  # learning rate (> 0)
-    batch_size: int = 100  # examples per step
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2)
     eps: float = 1e-8  # Adam's epsilon
-    fused: Optional[bool] = None  # fused Adam kernel; null: use it where torch supports it
+    fused: Optional[bool] = None  # fused kernel; null: use it where torch supports it
+    batch_size: int = 100  # examples per step (the loss is the batch mean); not an argument
 
 
 @dataclass
@@ -80,7 +122,8 @@ class EvalConfig:
     num_samples: int = 10  # samples per example of the evaluation ELBO
     chunk: int = 100  # IWAE samples drawn at once (bounds memory)
     batch_size: int = 500  # examples evaluated at once
-    splits: list[str] = field(default_factory=lambda: ["val", "test"])  # splits to evaluate
+    # splits to evaluate (choice returns a dataclasses.field with a default_factory)
+    splits: list[str] = choice(lambda: ["val", "test"], EVAL_SPLITS)  # noqa: RUF009
 
 
 @dataclass
@@ -108,8 +151,9 @@ class ProbeConfig:
 
 
 @dataclass
-class DebugConfig:
-    """Test hooks that inject faults; leave them null outside tests.
+class FaultsConfig:
+    """Fault injection for tests (``faults.*``, config group ``conf/faults/``); leave the hooks
+    null outside tests. Apart from the ``experiment=debug`` preset (a tiny run), which sets none.
 
     The ``*_at_step`` hooks fire in a run's first attempt only (a transient fault: re-running
     the same command resumes and finishes); ``preempt_after`` fires in every attempt.
@@ -133,19 +177,62 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     steps: int = 10_000  # optimizer steps
     seed: int = 0  # seeds torch, numpy, random and the batch stream
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = choice("auto", DEVICES)  # auto (CUDA if available) | cpu | cuda
     log_every: int = 500  # train and throughput rows every N steps
     checkpoint_every: int = 5000  # checkpoint (and metrics file) every N steps; 0: at the end
     snapshot_every: int = 0  # keep model snapshots every N steps (gradbench-probe); 0: none
     threads: Optional[int] = None  # torch threads; null: leave torch's (or the launcher's) choice
     compile: bool = False  # torch.compile the loss (estimator + model forward); not for
     # rebar / relax; compiled / eager step times: results/throughput/overhead_cpu.md
-    progress: str = "auto"  # tqdm bar: auto (TTY, not CI, not multirun) | true | false
-    supervise: str = "auto"  # train in a child process that a hard crash cannot take down with
+    progress: str = choice(
+        "auto", SWITCHES, ignore_case=True
+    )  # tqdm bar: auto (TTY, not CI, not multirun) | true | false
+    supervise: str = choice(
+        "auto", SWITCHES, ignore_case=True
+    )  # train in a child process that a hard crash cannot take down with
     # the job: auto (in --multirun sweeps) | true | false (benchmarks.harness.supervise)
+
+
+def check_choices(cfg: Any, schema: type | None = None, prefix: str = "") -> None:
+    """Check every field declared with :func:`choice` in ``cfg`` (a composed config) against
+    its allowed values; raise :class:`.errors.ConfigError` naming the option, the bad value and
+    the allowed ones."""
+    for f in dataclasses.fields(schema or Config):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.default_factory):  # a nested schema (model, data, ...)
+            check_choices(cfg[f.name], f.default_factory, f"{key}.")
+            continue
+        allowed = f.metadata.get("choices")
+        if allowed is None:
+            continue
+        value = cfg[f.name]
+        for v in value if OmegaConf.is_list(value) else [value]:
+            seen = str(v).lower() if f.metadata["ignore_case"] else v
+            if seen not in allowed:
+                raise ConfigError(
+                    f"{f.metadata['option'] or key}={v!r} is invalid; allowed: "
+                    f"{', '.join(allowed)}"
+                )
+
+
+#: Renamed config groups and keys: old -> new. An override with the old spelling is refused
+#: with a message naming the new one (:func:`renamed_override`).
+RENAMED: dict[str, str] = {"variant": "pairing", "debug": "faults"}
+
+
+def renamed_override(override: str) -> str | None:
+    """The message refusing ``override`` (``key=value``, optionally ``+``/``~``/``++``) when its
+    key or group was renamed (:data:`RENAMED`), else None."""
+    key, _, value = override.partition("=")
+    key = key.lstrip("+~")
+    head, dot, rest = key.partition(".")
+    if head not in RENAMED:
+        return None
+    new = f"{RENAMED[head]}{dot}{rest}"
+    return f"{key} is now {new} (conf/{RENAMED[head]}/); use {new}={value}"
 
 
 def has_temperature_buffer(name: str) -> bool:
@@ -184,11 +271,10 @@ def estimator_schema(name: str) -> type:
         else:
             fields.append((option, _field_type(default), field(default=default)))
     if has_temperature_buffer(name):
-        fields += [
-            ("anneal_rate", float, field(default=0.0)),
-            ("min_temperature", float, field(default=0.5)),
-            ("anneal_every", int, field(default=1000)),
-        ]
+        schedule = inspect.signature(TemperatureSchedule).parameters
+        for key, arg in SCHEDULE_KEYS.items():
+            default = schedule[arg].default
+            fields.append((key, _field_type(default), field(default=default)))
     return dataclasses.make_dataclass(f"EstimatorConfig_{name}", fields)
 
 

@@ -15,7 +15,7 @@
   handled it before (submitit requeues the job, which resumes from the checkpoint; otherwise
   the process ends as the signal asks). A supervisor forwards these signals to its child and
   honours them itself once the child has stopped.
-- :class:`DebugFaults`: the hard-fault test hooks ``debug.exit_at_step``, ``kill_at_step``,
+- :class:`DebugFaults`: the hard-fault test hooks ``faults.exit_at_step``, ``kill_at_step``,
   ``term_at_step`` (first attempt only) and ``preempt_after`` (every attempt).
 - :class:`SweepOutcome`: a Hydra callback that lists the jobs of a sweep that did not finish
   (refused, failed, timed out; reported by each job, in folders of any name);
@@ -207,7 +207,7 @@ class StopSignals:
 
 
 class DebugFaults:
-    """Hard faults injected by the ``debug.*`` test hooks before a given step.
+    """Hard faults injected by the ``faults.*`` test hooks before a given step.
 
     ``exit_at_step`` (``os._exit(3)``), ``kill_at_step`` (SIGKILL to itself) and
     ``term_at_step`` (SIGTERM to itself) fire in a run's first attempt only, like a transient
@@ -216,20 +216,20 @@ class DebugFaults:
     that many steps of every attempt, like SLURM before a time limit.
     """
 
-    def __init__(self, debug: Any, start_step: int, first_attempt: bool) -> None:
+    def __init__(self, hooks: Any, start_step: int, first_attempt: bool) -> None:
         def first(key: str) -> int | None:
-            return debug.get(key) if first_attempt else None
+            return hooks.get(key) if first_attempt else None
 
         self.exit_at, self.kill_at, self.term_at = (
             first("exit_at_step"), first("kill_at_step"), first("term_at_step"),
         )  # fmt: skip
-        after = debug.get("preempt_after")
+        after = hooks.get("preempt_after")
         self.preempt_at = start_step + after if after else None
 
     @classmethod
-    def build(cls, debug: Any, start_step: int, first_attempt: bool) -> DebugFaults | None:
+    def build(cls, hooks: Any, start_step: int, first_attempt: bool) -> DebugFaults | None:
         """The armed hooks, or None when none is (the training loop then checks nothing)."""
-        faults = cls(debug, start_step, first_attempt)
+        faults = cls(hooks, start_step, first_attempt)
         armed = (faults.exit_at, faults.kill_at, faults.term_at, faults.preempt_at)
         return faults if any(v is not None for v in armed) else None
 

@@ -438,11 +438,11 @@ def run(
         path = run_dir / SNAPSHOTS / f"step_{step:09d}.pt"
         checkpoint.save(path, {"step": step, "f_evals": f_evals, "model": model.state_dict()})
 
-    # Test hooks (debug.*): the *_at_step ones fire in the first attempt only.
-    nan_at, fail_at = cfg.debug.nan_at_step, cfg.debug.fail_at_step
+    # Test hooks (faults.*): the *_at_step ones fire in the first attempt only.
+    nan_at, fail_at = cfg.faults.nan_at_step, cfg.faults.fail_at_step
     if attempt > 1:
         nan_at = fail_at = None
-    faults = supervise.DebugFaults.build(cfg.debug, step, attempt == 1)
+    faults = supervise.DebugFaults.build(cfg.faults, step, attempt == 1)
     show = show_progress(cfg.progress, multirun)
     bar = tqdm(total=steps, initial=step, disable=not show)
     stop = supervise.StopSignals().install()  # SIGTERM/SIGINT/preemption: checkpoint, stop
@@ -462,7 +462,7 @@ def run(
             if step + 1 == nan_at:
                 loss = loss * float("nan")
             if step + 1 == fail_at:
-                raise RuntimeError(f"debug.fail_at_step={step + 1}: injected failure")
+                raise RuntimeError(f"faults.fail_at_step={step + 1}: injected failure")
             if faults is not None:
                 faults.before_step(step + 1)
             optimizer_step(optimizer, loss, inputs)

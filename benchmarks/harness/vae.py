@@ -31,7 +31,8 @@ from torch.distributions import (
     kl_divergence,
 )
 
-FAMILIES: tuple[str, ...] = ("gaussian", "bernoulli", "categorical")
+from estimators import FAMILIES  # the latent families: those the estimators know
+
 ARCHS: tuple[str, ...] = ("linear", "nonlinear")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,

@@ -34,11 +34,12 @@ _RUN_JSON_KEYS = ("run_id", "status", "reason", "device", "git_commit", "git_dir
                   "start_time", "end_time", "last_step", "config", *IDENTITY_COLUMNS)  # fmt: skip
 #: Resolved-config keys that say how or where a run was executed, not what it measures: runs
 #: whose configs differ only in these and in ``seed`` are seeds of one group. A key here
-#: also covers every key below it (``debug`` covers ``debug.fail_at_step``).
+#: also covers every key below it (``faults`` covers ``faults.fail_at_step``; ``debug`` is
+#: the faults' key in records written before it was renamed).
 INFRASTRUCTURE_KEYS = (
     "device", "threads", "compile", "progress", "supervise", "log_every",
     "checkpoint_every", "snapshot_every", "data.root", "optim.fused", "eval.chunk",
-    "eval.batch_size", "probe.chunk", "debug", "hydra",
+    "eval.batch_size", "probe.chunk", "faults", "debug", "hydra",
 )  # fmt: skip
 #: Which Hydra override keys give a missing run its identity.
 _OVERRIDE_IDENTITY = {

@@ -24,12 +24,31 @@ from benchmarks.harness.build import (
     estimator_label,
     temperature_schedule,
 )
-from benchmarks.harness.config import HARNESS_ESTIMATOR_KEYS, estimator_schema
+from benchmarks.harness.config import (
+    HARNESS_ESTIMATOR_KEYS,
+    Config,
+    DataConfig,
+    FaultsConfig,
+    ModelConfig,
+    OptimConfig,
+    ProbeConfig,
+    estimator_schema,
+    renamed_override,
+)
+from benchmarks.harness.errors import ConfigError
 from benchmarks.harness.vae import VAE
 from benchmarks.harness.validate import validate
 from tests.conftest import CONF_DIR
 
-GROUPS = ("estimator", "model", "data", "optim", "probe", "experiment", "variant")
+GROUPS = ("estimator", "model", "data", "optim", "probe", "faults", "experiment", "pairing")
+#: The schema of each group whose files are merged onto one node of the root config.
+SCHEMAS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "probe": ProbeConfig,
+    "faults": FaultsConfig,
+}
 
 
 def _options(group: str) -> list[str]:
@@ -81,18 +100,64 @@ def test_every_config_file_composes_and_builds(make_config, group: str, option: 
         _build(make_config(f"{group}={option}", *job))
 
 
-def test_every_registered_estimator_has_a_config_file_listing_all_its_options() -> None:
+def test_every_registered_estimator_has_a_config_file() -> None:
     """Registry name = config file name: conf/estimator/<name>.yaml exists for every registered
-    estimator and sets exactly the keys of its schema (name, label, each option and, for a
-    temperature buffer, the schedule keys), so every option is documented."""
+    estimator and extends its schema (``/schema/estimator/<name>``), whose fields are the
+    class's options with the class's defaults."""
     for name in estimators.available():
         path = CONF_DIR / "estimator" / f"{name}.yaml"
         assert path.is_file(), f"missing {path}"
-        keys = set(yaml.safe_load(path.read_text())) - {"defaults"}
-        schema = set(OmegaConf.structured(estimator_schema(name)))
-        assert keys == schema, f"{path.name}: {sorted(keys ^ schema)}"
-        assert yaml.safe_load(path.read_text())["name"] == name
-        assert set(HARNESS_ESTIMATOR_KEYS) <= keys
+        assert f"/schema/estimator/{name}@_here_" in yaml.safe_load(path.read_text())["defaults"]
+        schema = OmegaConf.structured(estimator_schema(name))
+        assert schema.name == name
+        assert set(HARNESS_ESTIMATOR_KEYS) <= set(schema)
+        assert estimators.options(name).items() <= OmegaConf.to_container(schema).items()
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    """``{dotted key: value}`` of every leaf of a mapping (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+def _base_of(group: str, option: str, make_config) -> dict[str, object]:
+    """What ``conf/<group>/<option>.yaml`` is merged onto: its schema's defaults (a group
+    file), or the config composed without it but with its own group overrides (a preset)."""
+    if group == "estimator":
+        return OmegaConf.to_container(OmegaConf.structured(estimator_schema(option)))
+    if group in SCHEMAS:
+        return OmegaConf.to_container(OmegaConf.structured(SCHEMAS[group]))
+    data = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {}
+    overrides = [
+        f"{k.split('/')[-1]}={v}" for d in data.get("defaults", []) if isinstance(d, dict)
+        for k, v in d.items()
+    ]  # fmt: skip
+    return OmegaConf.to_container(make_config(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [("", "config")] + [(g, o) for g in GROUPS for o in _options(g)],
+    ids=lambda v: str(v),
+)
+def test_no_config_file_restates_a_default(make_config, group: str, option: str) -> None:
+    """One home for a default: no key of a file under conf/ sets the value it would have
+    without that file (the schema's default, or for a preset the composed config's)."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}  # YAML 1.2 numbers (1e-3)
+    data = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
+    if group == "":
+        base = OmegaConf.to_container(OmegaConf.structured(Config))
+    else:
+        base = _base_of(group, option, make_config)
+    restated = [
+        k for k, v in _leaves(data).items() if k in _leaves(base) and _leaves(base)[k] == v
+    ]
+    assert not restated, f"{path.relative_to(CONF_DIR)} restates default(s): {restated}"
 
 
 @pytest.mark.parametrize("group", ["estimator", "model", "data", "optim", "probe"])
@@ -194,3 +259,73 @@ def test_conf_dir_is_where_the_app_looks() -> None:
     from benchmarks.cli.train import CONF_DIR as APP_CONF_DIR
 
     assert Path(APP_CONF_DIR) == CONF_DIR
+
+
+@pytest.mark.parametrize(
+    ("override", "new"),
+    [("variant=bernoulli_rloo", "pairing=bernoulli_rloo"),
+     ("debug.kill_at_step=3", "faults.kill_at_step=3"),
+     ("+debug.preempt_after=8", "faults.preempt_after=8")],
+)  # fmt: skip
+def test_renamed_keys_are_refused_naming_the_new_spelling(override: str, new: str) -> None:
+    """The old spellings variant= and debug.* are refused with a message naming pairing= and
+    faults.*; the new spellings and look-alikes (experiment=debug) pass."""
+    assert new in renamed_override(override)
+    assert renamed_override(new) is None
+    assert renamed_override("experiment=debug") is None
+
+
+def test_cli_refuses_a_renamed_key_in_one_line(monkeypatch, capsys) -> None:
+    """gradbench-train debug.kill_at_step=3 exits 1 with one line naming faults.kill_at_step."""
+    from benchmarks.cli import train as cli
+
+    monkeypatch.setattr("sys.argv", ["gradbench-train", "debug.kill_at_step=3"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    assert "use faults.kill_at_step=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("model.family=poisson", "model.family='poisson' is invalid; allowed: gaussian, bernoulli"),
+     ("data.name=cifar", "data='cifar' is invalid; allowed: mnist_subset, digits"),
+     ("model.arch=deep", "model.arch='deep' is invalid; allowed: linear, nonlinear"),
+     ("model.kl=exact", "model.kl='exact' is invalid; allowed: analytic, sampled"),
+     ("data.binarization=soft", "data.binarization='soft' is invalid; allowed: dynamic, static"),
+     ("device=tpu", "device='tpu' is invalid; allowed: auto, cpu, cuda"),
+     ("progress=maybe", "progress='maybe' is invalid; allowed: auto, true, false"),
+     ("supervise=maybe", "supervise='maybe' is invalid; allowed: auto, true, false"),
+     ("eval.splits=[val,dev]", "eval.splits='dev' is invalid; allowed: train, val, test"),
+     ("optim._target_=torch.nn.Linear", "optim._target_='torch.nn.Linear' is invalid; allowed: "
+      "a torch.optim.Optimizer class")],
+)  # fmt: skip
+def test_enumerated_values_are_checked_against_their_schema_field(
+    make_config, override: str, message: str
+) -> None:
+    """A value outside a schema field's enumerated choices is a ConfigError naming the option,
+    the value and the allowed ones (the choices live once, beside the field's default)."""
+    with pytest.raises(ConfigError) as info:
+        validate(make_config(override))
+    assert message in str(info.value)
+
+
+def test_optimizer_is_built_from_its_target(make_config) -> None:
+    """optim is built by Hydra's instantiate from _target_ (torch.optim.Adam by default) with
+    the schema's settings; make_optimizer returns (optimizer, fused)."""
+    import torch
+
+    from benchmarks.harness.build import make_optimizer
+
+    cfg = make_config("optim.lr=0.01", "optim.fused=false")
+    assert cfg.optim._target_ == "torch.optim.Adam"
+    opt, fused = make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.optim)
+    assert type(opt) is torch.optim.Adam and fused is False
+    assert (opt.defaults["lr"], tuple(opt.defaults["betas"]), opt.defaults["eps"]) == (
+        0.01, (0.9, 0.999), 1e-8,
+    )  # fmt: skip
+    adamw, _ = make_optimizer(
+        [torch.nn.Parameter(torch.zeros(2))],
+        make_config("optim._target_=torch.optim.AdamW", "optim.fused=false").optim,
+    )
+    assert type(adamw) is torch.optim.AdamW

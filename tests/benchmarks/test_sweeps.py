@@ -105,22 +105,22 @@ def test_submitit_local_sweep_2x2_completes(tmp_path: Path) -> None:
 def test_sweep_with_a_diverging_and_a_failing_job_records_every_outcome(
     tmp_path: Path, launcher: str
 ) -> None:
-    """Sweep over debug.nan_at_step x debug.fail_at_step: the clean job completes, the NaN job
+    """Sweep over faults.nan_at_step x faults.fail_at_step: the clean job completes, the NaN job
     is diverged (last finite step recorded), the raising jobs are failed with their message;
     every job directory has a run.json; the sweep exits 1 because a job raised."""
     sweep = tmp_path / launcher
     proc = _sweep(
-        sweep, f"hydra/launcher={launcher}", "debug.nan_at_step=null,4",
-        "debug.fail_at_step=null,7",
+        sweep, f"hydra/launcher={launcher}", "faults.nan_at_step=null,4",
+        "faults.fail_at_step=null,7",
     )  # fmt: skip
     assert proc.returncode == 1
     jobs = _jobs(sweep)
     assert len(jobs) == 4
-    _assert_complete(jobs["debug.nan_at_step=null debug.fail_at_step=null"])
-    diverged = jobs["debug.nan_at_step=4 debug.fail_at_step=null"]
+    _assert_complete(jobs["faults.nan_at_step=null faults.fail_at_step=null"])
+    diverged = jobs["faults.nan_at_step=4 faults.fail_at_step=null"]
     assert diverged["status"] == "diverged" and diverged["last_step"] == 3
-    for key in ("debug.nan_at_step=null debug.fail_at_step=7",):
+    for key in ("faults.nan_at_step=null faults.fail_at_step=7",):
         assert jobs[key]["status"] == "failed"
         assert "injected failure" in jobs[key]["reason"]
     # NaN at step 4 is found at the step-5 sync point, before the failure at step 7.
-    assert jobs["debug.nan_at_step=4 debug.fail_at_step=7"]["status"] == "diverged"
+    assert jobs["faults.nan_at_step=4 faults.fail_at_step=7"]["status"] == "diverged"

@@ -170,7 +170,7 @@ def test_resume_after_a_failure_continues_from_the_checkpoint_with_identical_met
     from step 10 and ends with metric values identical to an uninterrupted run."""
     common = ("experiment=debug", "estimator=reinforce", "steps=20", "checkpoint_every=10")
     with pytest.raises(RuntimeError, match="fail_at_step=15"):
-        run(make_config(*common, "debug.fail_at_step=15"), tmp_path / "a")
+        run(make_config(*common, "faults.fail_at_step=15"), tmp_path / "a")
     assert _record(tmp_path / "a")["status"] == "failed"
     assert _metrics(tmp_path / "a")["step"].max() == 10  # the file ends at the checkpoint
     torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
@@ -223,7 +223,7 @@ def test_steps_below_the_step_a_run_reached_are_refused_with_both_numbers(
     common = ("experiment=debug", "checkpoint_every=2", "eval.every=2")
     run(make_config(*common, "steps=4"), done)
     with pytest.raises(RuntimeError, match="injected failure"):
-        run(make_config(*common, "steps=10", "debug.fail_at_step=4"), failed)
+        run(make_config(*common, "steps=10", "faults.fail_at_step=4"), failed)
     for run_dir, steps, reached in ((done, 3, 4), (failed, 1, 2)):
         files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
         with pytest.raises(ConfigError, match=rf"steps={steps} .* at step {reached}\b"):
@@ -277,15 +277,15 @@ def test_probe_options_that_would_fail_mid_training_are_refused_before_it(
         ("probe.reference=exact", "model.latent_dim=16"),
         ("probe.reference=rloo",),
         ("estimator=rloo", "estimator.num_samples=2", "probe.basket=[{name:rloo,num_samples:2}]"),
-        ("experiment=quick", "variant=bernoulli_gumbel"),
-        ("experiment=quick", "variant=gaussian_reparam"),
+        ("experiment=quick", "pairing=bernoulli_gumbel"),
+        ("experiment=quick", "pairing=gaussian_reparam"),
     ],
     ids=["exact-2^16", "rloo-reference", "own-in-basket", "quick-gumbel", "quick-reparam"],
 )
 def test_probe_options_that_work_still_validate(make_config, overrides) -> None:
     """The probe checks refuse nothing that works: an enumerable exact reference, an
     estimator reference of the family, and the run's own estimator in its basket (the
-    presets' variants do that)."""
+    presets' pairings do that)."""
     validate(make_config("experiment=debug", "probe.every=5", *overrides))
 
 
@@ -293,9 +293,9 @@ def test_probe_options_that_work_still_validate(make_config, overrides) -> None:
 
 
 def test_nan_loss_marks_the_run_diverged_with_the_last_finite_step(make_config, tmp_path):
-    """debug.nan_at_step=7: run returns 'diverged', run.json has status diverged, last_step 6
+    """faults.nan_at_step=7: run returns 'diverged', run.json has status diverged, last_step 6
     and a reason; the metrics hold only finite rows; a re-run is skipped."""
-    cfg = make_config("experiment=debug", "debug.nan_at_step=7")
+    cfg = make_config("experiment=debug", "faults.nan_at_step=7")
     assert run(cfg, tmp_path) == "diverged"
     rec = _record(tmp_path)
     assert rec["status"] == "diverged" and rec["last_step"] == 6
@@ -306,10 +306,10 @@ def test_nan_loss_marks_the_run_diverged_with_the_last_finite_step(make_config, 
 
 
 def test_exception_marks_the_run_failed_and_is_re_raised(make_config, tmp_path) -> None:
-    """debug.fail_at_step=3: the RuntimeError propagates; run.json says failed with the
+    """faults.fail_at_step=3: the RuntimeError propagates; run.json says failed with the
     message and a traceback tail; no metrics file (no checkpoint was reached)."""
     with pytest.raises(RuntimeError, match="injected failure"):
-        run(make_config("experiment=debug", "debug.fail_at_step=3"), tmp_path)
+        run(make_config("experiment=debug", "faults.fail_at_step=3"), tmp_path)
     rec = _record(tmp_path)
     assert rec["status"] == "failed"
     assert "RuntimeError" in rec["reason"] and "injected failure" in rec["reason"]
@@ -424,7 +424,7 @@ def test_cli_run_stopped_by_a_signal_and_recorded_failed_exits_non_zero(tmp_path
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("CI", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.train", "experiment=debug", "debug.term_at_step=3",
+        [sys.executable, "-m", "benchmarks.train", "experiment=debug", "faults.term_at_step=3",
          f"hydra.run.dir={out}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
         preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
@@ -438,11 +438,11 @@ def test_cli_run_stopped_by_a_signal_and_recorded_failed_exits_non_zero(tmp_path
 @pytest.mark.slow
 def test_cli_divergence_exits_zero_and_failure_exits_one(tmp_path: Path) -> None:
     """From the command line a diverged run exits 0 (a sweep goes on), a failed one exits 1."""
-    proc = _cli("experiment=debug", "debug.nan_at_step=4", f"hydra.run.dir={tmp_path / 'd'}",
+    proc = _cli("experiment=debug", "faults.nan_at_step=4", f"hydra.run.dir={tmp_path / 'd'}",
                 cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _record(tmp_path / "d")["status"] == "diverged"
-    proc = _cli("experiment=debug", "debug.fail_at_step=4", f"hydra.run.dir={tmp_path / 'f'}",
+    proc = _cli("experiment=debug", "faults.fail_at_step=4", f"hydra.run.dir={tmp_path / 'f'}",
                 cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 1
     assert _record(tmp_path / "f")["status"] == "failed"

@@ -6,6 +6,7 @@ layouts x S in {1, 4}, so a new estimator is checked as soon as it is registered
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 
@@ -175,6 +176,21 @@ def test_unknown_estimator_lists_available_names() -> None:
     with pytest.raises(ValueError) as info:
         estimators.get("reinfroce")
     assert all(n in str(info.value) for n in estimators.available())
+
+
+@pytest.mark.parametrize("name", estimators.available())
+def test_registered_class_builds_with_its_own_defaults_and_they_are_the_options(name) -> None:
+    """The registry registers classes: ``cls()`` builds, and ``estimators.options(name)`` is
+    the class's own signature, so a default lives in one place (e.g. ``RLOO()`` has S=2)."""
+    est = estimators.get(name)
+    cls = type(est)
+    assert cls.name == name
+    assert type(cls()) is cls
+    assert estimators.options(name) == {
+        p.name: p.default for p in inspect.signature(cls).parameters.values()
+    }
+    assert estimators.families(name) == cls.families
+    assert cls().num_samples == estimators.options(name)["num_samples"] >= cls.min_samples
 
 
 def test_registry_lists_the_core_estimators() -> None:

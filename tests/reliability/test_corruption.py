@@ -62,7 +62,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(
     next metrics write); a report builds from the records at that point; the resumed run
     ends identical to an uninterrupted run."""
     with pytest.raises(RuntimeError, match="injected failure"):
-        run(tiny("debug.fail_at_step=13"), tmp_path)
+        run(tiny("faults.fail_at_step=13"), tmp_path)
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 10
     assert checkpoint.load(tmp_path / "checkpoint.prev.pt")["step"] == 5
     DAMAGE[damage](tmp_path / "checkpoint.pt")

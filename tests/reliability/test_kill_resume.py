@@ -37,7 +37,7 @@ def test_sigkill_at_a_random_step_or_write_then_resume_equals_an_uninterrupted_r
     tiny, reference_runs, tmp_path: Path, family: str
 ) -> None:
     """Fault: SIGKILL of the training process (a) at a seeded random step
-    (``debug.kill_at_step``) and (b) inside a seeded random atomic write, after the temporary
+    (``faults.kill_at_step``) and (b) inside a seeded random atomic write, after the temporary
     file is written and before it is fsynced or moved into place (``GRADBENCH_FAULT``).
     Property: re-running the same config in the same directory gives metrics (every step, no
     gap, no duplicate row) and final parameters identical to an uninterrupted CPU run."""
@@ -46,7 +46,7 @@ def test_sigkill_at_a_random_step_or_write_then_resume_equals_an_uninterrupted_r
     reference = reference_runs(*overrides)
 
     killed = tmp_path / "at_step"
-    code = in_child(run, tiny(*overrides, f"debug.kill_at_step={step}"), killed)
+    code = in_child(run, tiny(*overrides, f"faults.kill_at_step={step}"), killed)
     assert code == -signal.SIGKILL
     assert record(killed)["status"] == "running" and record(killed)["last_step"] < step
     assert run(tiny(*overrides), killed) == "completed"
@@ -97,7 +97,7 @@ def test_cli_runs_killed_from_outside_and_in_writes_resume_to_the_uninterrupted_
     # (b) at a random step, (c) in a random write
     step = int(rng.integers(1, 61))
     at_step = tmp_path / "at_step"
-    proc = cli(*args, f"debug.kill_at_step={step}", f"hydra.run.dir={at_step}", cwd=tmp_path)
+    proc = cli(*args, f"faults.kill_at_step={step}", f"hydra.run.dir={at_step}", cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL
     site = str(rng.choice(["checkpoint.pt", "metrics.parquet", "run.json"]))
     write = f"{site}:{int(rng.integers(1, 8))}:{rng.choice(['before_fsync', 'before_replace'])}"

@@ -3,7 +3,7 @@
 submitit sends SIGUSR2 to a job shortly before its time limit (``signal_delay_s``), calls the
 task's ``checkpoint`` (Hydra's launcher resubmits the same job) and exits with code 173 so its
 controller starts the job again, up to ``max_num_timeout`` times; then it gives up with
-``UncompletedJobError``. The hook ``debug.preempt_after=N`` sends that SIGUSR2 to the job
+``UncompletedJobError``. The hook ``faults.preempt_after=N`` sends that SIGUSR2 to the job
 process after N steps of every attempt, since ``hydra.launcher.timeout_min`` has a resolution
 of minutes: the real submitit handler then does the rest (slow test), or a stand-in for it
 (fast tests).
@@ -60,7 +60,7 @@ def test_a_preempted_run_checkpoints_is_requeued_and_resumes_to_the_reference(
     handler (requeue: exit 173); the requeued attempts resume (8, then 16) and the run ends
     identical to an uninterrupted one."""
     handler = fake_submitit(retries=3)
-    cfg = tiny("debug.preempt_after=8")
+    cfg = tiny("faults.preempt_after=8")
     for stop in (8, 16):
         with pytest.raises(SystemExit) as exit_info:
             run(cfg, tmp_path)
@@ -79,7 +79,7 @@ def test_running_out_of_retries_records_timeout(tiny, fake_submitit, tmp_path: P
     """Fault: preempted in every attempt; the scheduler requeues once, then gives up.
     Property: the run's final status is ``timeout`` at the last checkpointed step."""
     fake_submitit(retries=1)
-    cfg = tiny("steps=100", "debug.preempt_after=8")
+    cfg = tiny("steps=100", "faults.preempt_after=8")
     with pytest.raises(SystemExit):
         run(cfg, tmp_path)
     with pytest.raises(RuntimeError, match="too many times"):
@@ -97,7 +97,7 @@ def test_a_supervised_job_forwards_preemption_and_lets_the_scheduler_requeue(
     handler (requeue); the requeued job resumes; out of retries, the job returns normally
     with ``timeout`` (the sweep goes on)."""
     handler = fake_submitit(retries=1)
-    cfg = tiny("debug.preempt_after=8")
+    cfg = tiny("faults.preempt_after=8")
     with pytest.raises(SystemExit):
         supervise.launch(run, cfg, tmp_path / "a", multirun=True)
     first = record(tmp_path / "a")
@@ -124,7 +124,7 @@ def test_submitit_local_preemption_round_trip_and_retries_exhausted(
 
     sweep = tmp_path / "sweep"
     proc = cli(
-        *TINY, "threads=1", "debug.preempt_after=8", "steps=20,200",
+        *TINY, "threads=1", "faults.preempt_after=8", "steps=20,200",
         "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1",
         f"hydra.sweep.dir={sweep}", cwd=tmp_path, multirun=True,
     )  # fmt: skip

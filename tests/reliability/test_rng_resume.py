@@ -56,7 +56,7 @@ def test_after_a_resume_every_generator_and_batch_continue_the_uninterrupted_run
     whole = list(draws)
     draws.clear()
     with pytest.raises(RuntimeError, match="injected failure"):
-        run(tiny(*extra, "debug.fail_at_step=13"), tmp_path / "resumed")
+        run(tiny(*extra, "faults.fail_at_step=13"), tmp_path / "resumed")
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     torch.rand(7), np.random.rand(7), random.random()
     start = len(draws)
@@ -79,7 +79,7 @@ def test_a_checkpoint_missing_an_rng_stream_is_an_error(tiny, tmp_path: Path, ke
     raises a CheckpointError naming the missing stream, records ``failed`` with that reason,
     and trains nothing (the metrics and checkpoint stay at step 10)."""
     with pytest.raises(RuntimeError):
-        run(tiny("debug.fail_at_step=13"), tmp_path)
+        run(tiny("faults.fail_at_step=13"), tmp_path)
     _drop_from_rng(tmp_path / "checkpoint.pt", key)
     with pytest.raises(checkpoint.CheckpointError, match=f"lacks the RNG state of {key}"):
         run(tiny(), tmp_path)

@@ -110,7 +110,7 @@ def test_a_malicious_pickle_is_refused_without_side_effect(tiny, reference_runs,
 
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError):
-        run(tiny("debug.fail_at_step=13"), run_dir)
+        run(tiny("faults.fail_at_step=13"), run_dir)
     _plant(run_dir / "checkpoint.pt", marker)
     _plant(run_dir / "checkpoint.prev.pt", marker)
     assert run(tiny(), run_dir) == "completed"

@@ -24,15 +24,15 @@ def _outcomes(tiny, root: Path) -> dict[str, Path]:
                                 "sigkill_supervised", "timeout")}  # fmt: skip
     assert run(tiny(), d["success"]) == "completed"
     with pytest.raises(RuntimeError):
-        run(tiny("debug.fail_at_step=8"), d["exception"])
-    assert run(tiny("debug.nan_at_step=8"), d["nan"]) == "diverged"
-    assert in_child(run, tiny("debug.term_at_step=8"), d["sigterm"]) == -signal.SIGTERM
-    assert in_child(run, tiny("debug.kill_at_step=8"), d["sigkill"]) == -signal.SIGKILL
-    cfg = tiny("debug.kill_at_step=8")
+        run(tiny("faults.fail_at_step=8"), d["exception"])
+    assert run(tiny("faults.nan_at_step=8"), d["nan"]) == "diverged"
+    assert in_child(run, tiny("faults.term_at_step=8"), d["sigterm"]) == -signal.SIGTERM
+    assert in_child(run, tiny("faults.kill_at_step=8"), d["sigkill"]) == -signal.SIGKILL
+    cfg = tiny("faults.kill_at_step=8")
     assert supervise.launch(run, cfg, d["sigkill_supervised"], multirun=True) == "failed"
     previous = signal.signal(supervise.PREEMPT_SIGNAL, signal.SIG_IGN)  # a scheduler that waits
     try:
-        assert run(tiny("debug.preempt_after=8"), d["timeout"]) == "timeout"
+        assert run(tiny("faults.preempt_after=8"), d["timeout"]) == "timeout"
     finally:
         signal.signal(supervise.PREEMPT_SIGNAL, previous)
     return d

@@ -22,10 +22,10 @@ from .conftest import TINY, cli, jobs, record
 
 FAULTS = {
     "clean": (),
-    "exception": ("debug.fail_at_step=7",),
-    "nan_loss": ("debug.nan_at_step=7",),
-    "os_exit": ("debug.exit_at_step=7",),
-    "sigkill": ("debug.kill_at_step=7",),
+    "exception": ("faults.fail_at_step=7",),
+    "nan_loss": ("faults.nan_at_step=7",),
+    "os_exit": ("faults.exit_at_step=7",),
+    "sigkill": ("faults.kill_at_step=7",),
 }
 
 
@@ -65,7 +65,7 @@ def test_a_supervised_single_run_raises_when_its_child_crashes(tiny, tmp_path: P
     """Fault: SIGKILL in a supervised single run (``supervise=true``, not a sweep). Property:
     the failure is recorded and raised (a single run exits non-zero)."""
     with pytest.raises(supervise.RunFailedError, match="killed by SIGKILL"):
-        supervise.launch(run, tiny("supervise=true", "debug.kill_at_step=3"), tmp_path)
+        supervise.launch(run, tiny("supervise=true", "faults.kill_at_step=3"), tmp_path)
     assert record(tmp_path)["status"] == "failed"
 
 

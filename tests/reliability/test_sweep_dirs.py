@@ -100,7 +100,7 @@ def test_failed_jobs_are_listed_whatever_their_folders_are_called(tmp_path: Path
     named after the overrides, not numbers) a failing job is listed and the sweep exits 1."""
     sweep = tmp_path / "sweep"
     proc = cli(
-        *SHORT, "debug.fail_at_step=null,2", f"hydra.sweep.dir={sweep}",
+        *SHORT, "faults.fail_at_step=null,2", f"hydra.sweep.dir={sweep}",
         "hydra.sweep.subdir=${hydra.job.override_dirname}", cwd=tmp_path, multirun=True,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
