@@ -140,20 +140,17 @@ class Checkpointer:
     snapshots, and restores a checkpoint into the run's parts and progress.
 
     Args:
-      run_dir: the run directory.
-      snapshots: the folder of the model snapshots along the trajectory.
       parts: what the run trains.
-      config: the resolved config (saved with the checkpoint: a resume under another config is
-        refused).
-      life: the run's lifecycle (``run.json``'s ``last_step`` follows each checkpoint).
+      life: the run's lifecycle: its directory, its resolved config (saved with the checkpoint:
+        a resume under another config is refused), and ``run.json``'s ``last_step``, which
+        follows each checkpoint.
+      snapshots: the folder of the model snapshots along the trajectory.
     """
 
-    def __init__(
-        self, run_dir: Path, snapshots: Path, parts: Parts, config: dict[str, Any],
-        life: RunLifecycle,
-    ) -> None:  # fmt: skip
-        self.path, self.metrics_path = run_dir / checkpoint.CHECKPOINT, run_dir / METRICS
-        self.snapshots, self.parts, self.config, self.life = snapshots, parts, config, life
+    def __init__(self, parts: Parts, life: RunLifecycle, snapshots: Path) -> None:
+        self.path = life.run_dir / checkpoint.CHECKPOINT
+        self.metrics_path = life.run_dir / METRICS
+        self.parts, self.life, self.snapshots = parts, life, snapshots
 
     def write_metrics(self, p: Progress) -> None:
         """Rewrite ``metrics.parquet`` with every row so far."""
@@ -170,7 +167,7 @@ class Checkpointer:
             "estimator": parts.estimator.state_dict(), "stream": parts.stream.state_dict(),
             "window": p.window.state_dict(), "rng": checkpoint.rng_state(parts.device),
             "grad_ema": parts.grad_ema.state_dict() if parts.grad_ema is not None else {},
-            "metrics": p.metrics.state_dict(), "config": self.config,
+            "metrics": p.metrics.state_dict(), "config": self.life.config,
             "run_id": p.metrics.identity["run_id"],
         }, keep_previous=True)  # fmt: skip
         self.life.checkpointed(p.step)
@@ -185,7 +182,7 @@ class Checkpointer:
         """Load the checkpoint ``state`` (read from ``source``) into the parts and ``p``: the
         run continues bit for bit where it stood, RNG streams included. Refuses
         (:class:`ConfigError`) a checkpoint of another config or beyond ``steps``."""
-        changed = config_changes(state["config"], self.config) if "config" in state else []
+        changed = config_changes(state["config"], self.life.config) if "config" in state else []
         if changed:
             raise foreign_run(source, changed)
         if state["step"] > steps:
