@@ -321,7 +321,7 @@ def train(
     show = show_progress(cfg.progress, multirun)
     bar = tqdm(total=cfg.steps, initial=progress.step, disable=not show)
     stop = supervise.StopSignals().install()  # SIGTERM/SIGINT/preemption: checkpoint, stop
-    try:
+    try:  # outcomes other than a stop are recorded while the stop handlers are installed
         first_bad = train_steps(cfg, parts, progress, saver, hooks, bar, stop)
         if first_bad is not None:
             return diverge(first_bad, bar, progress, saver, life)
