@@ -48,8 +48,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from benchmarks.harness.errors import UsageError
+from benchmarks.harness.lifecycle import RunLifecycle
 from benchmarks.records.files import atomic_write_bytes, read_json, write_json
-from benchmarks.records.runs import RUN_JSON, RunRecord, now_iso
+from benchmarks.records.runs import RUN_JSON, RunRecord
 
 try:
     import fcntl
@@ -169,8 +170,8 @@ class StopSignals:
 
     def restore(self) -> None:
         """Put the previous handlers back, except for the signal already received: it is
-        ignored until :meth:`finish` has recorded the outcome (a scheduler or a supervisor
-        may send it again meanwhile), and :meth:`finish` then restores and delivers it."""
+        ignored until the outcome is recorded (a scheduler or a supervisor may send it again
+        meanwhile); :meth:`honour` then restores and delivers it."""
         for sig, handler in self.previous.items():
             handler = signal.SIG_DFL if handler is None else handler
             signal.signal(sig, signal.SIG_IGN if sig == self.signum else handler)
@@ -188,19 +189,15 @@ class StopSignals:
             f"{verb} by {name} at step {step}; checkpoint saved: re-run the same command to resume"
         )
 
-    def finish(self, record: RunRecord, step: int) -> str:
-        """Record the stopped run's status, then hand the signal to its previous handler
-        (submitit requeues; a default disposition ends the process). Returns the status if
-        the process goes on."""
-        status, reason = self.outcome(step)
-        record.update(status=status, reason=reason, last_step=step, end_time=now_iso())
-        log.warning(reason)
+    def honour(self) -> None:
+        """Hand the received signal to its previous handler, once the stopped run's outcome
+        is recorded (:meth:`RunLifecycle.stopped`): submitit requeues; a default disposition
+        ends the process. Returns if the process goes on."""
         assert self.signum is not None
         handler = self.previous.get(self.signum) or signal.SIG_DFL
         if self.signum in self.previous:
             signal.signal(self.signum, handler)
         deliver(self.signum, handler)
-        return status
 
 
 # ------------------------------------------------------------------------------ test hooks
@@ -421,8 +418,7 @@ def _post_mortem(run_dir: Path, code: int, received: list[int]) -> tuple[str, st
         f"the training process {how} before recording an outcome{where}; re-run the same "
         "command to resume from the last checkpoint"
     )
-    record = record or RunRecord(run_dir / RUN_JSON, {})
-    record.update(status=status, reason=reason, end_time=now_iso())
+    RunLifecycle.died(run_dir, record, status, reason)
     log.error("%s %s: %s", run_dir, status, reason)
     return status, reason
 
