@@ -228,6 +228,11 @@ def renamed_override(override: str) -> str | None:
     key or group was renamed (:data:`RENAMED`), else None."""
     key, _, value = override.partition("=")
     key = key.lstrip("+~")
+    if key == "optim.name":  # the optimizer is a class now, built from optim._target_
+        return (
+            f"optim.name is now optim._target_ (a torch.optim class, default torch.optim.Adam); "
+            f"use optim._target_=torch.optim.{str(value).capitalize() or 'Adam'}"
+        )
     head, dot, rest = key.partition(".")
     if head not in RENAMED:
         return None

@@ -141,18 +141,13 @@ def _load_sweep(path: Path) -> Sweep:
     """The sweep dir's plans together: every job any of its sweeps launched (each listed
     once), and each sweep's command."""
     sweep = Sweep(path=path)
+    plans: list[list[list[str]] | None] = []
     for file in _multirun_files(path):
         multirun = _read_yaml(file)
         multirun = multirun if isinstance(multirun, dict) else {}
         task, expected = _expected_jobs(multirun)
-        if not sweep.task_overrides:
-            sweep.task_overrides = task
-        if expected is None or (sweep.expected is None and sweep.commands):
-            sweep.expected = None  # one unknown plan makes the union unknown
-        else:
-            known = {frozenset(job) for job in sweep.expected or []}
-            new = [job for job in expected if frozenset(job) not in known]
-            sweep.expected = [*(sweep.expected or []), *new]
+        sweep.task_overrides = sweep.task_overrides or task
+        plans.append(expected)
         hydra_overrides = ((multirun.get("hydra") or {}).get("overrides") or {}).get("hydra")
         launcher = [str(o) for o in hydra_overrides or [] if not str(o).startswith("hydra.mode=")]
         args = [*task, *launcher]
@@ -161,6 +156,11 @@ def _load_sweep(path: Path) -> Sweep:
             if task
             else "unknown"
         )
+    if plans and None not in plans:  # one unknown plan makes the union unknown
+        unique: dict[frozenset[str], list[str]] = {}
+        for job in (job for plan in plans for job in plan):
+            unique.setdefault(frozenset(job), job)  # each job once, as first planned
+        sweep.expected = list(unique.values())
     return sweep
 
 

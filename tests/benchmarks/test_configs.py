@@ -265,7 +265,8 @@ def test_conf_dir_is_where_the_app_looks() -> None:
     ("override", "new"),
     [("variant=bernoulli_rloo", "pairing=bernoulli_rloo"),
      ("debug.kill_at_step=3", "faults.kill_at_step=3"),
-     ("+debug.preempt_after=8", "faults.preempt_after=8")],
+     ("+debug.preempt_after=8", "faults.preempt_after=8"),
+     ("optim.name=adam", "optim._target_=torch.optim.Adam")],
 )  # fmt: skip
 def test_renamed_keys_are_refused_naming_the_new_spelling(override: str, new: str) -> None:
     """The old spellings variant= and debug.* are refused with a message naming pairing= and

@@ -34,6 +34,7 @@ from torch.distributions import Independent
 
 import estimators
 from benchmarks.harness.vae import VAE, LatentPosterior
+from estimators.baselines import debiased
 from tests.estimators.problems import z_critical
 
 ALPHA = 1e-3
@@ -203,7 +204,7 @@ def run_case(name: str, opts: dict, family: str, kl: str, seed: int = 2) -> Outc
     est.eval()  # state frozen: every replicate sees the same baseline and scale
     if getattr(est, "normalize", False):
         # Power against a partial rescaling (only the score term divided) needs s > 1.
-        scale = math.sqrt(float(est.var / (1 - est.decay ** float(est.count))))
+        scale = float(debiased(est.var, est.count, est.decay).sqrt())
         assert scale > 1.5, f"NVIL's running scale {scale:.2f} is too close to 1"
     estimates = replicate_gradients(vae, x, kl, est, REPLICATES).detach()
     return check(estimates, truth, est.unbiased_for)
