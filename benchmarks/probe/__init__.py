@@ -22,9 +22,11 @@ The reference is the exact gradient by enumeration (:mod:`estimators.exact`) whe
 space is small enough, else the mean of many estimates of a high-sample unbiased estimator.
 
 Batched computation: the encoder runs once; its output is replicated ``M`` times along a second
-batch dimension (examples stay on the first, as estimators expect), one backward pass gives
-every replicate's gradient with respect to that output, and one batched vector-Jacobian product
-(``autograd.grad(..., is_grads_batched=True)``) turns them into per-replicate encoder
-gradients, whose first and second moments are accumulated per group without keeping the
-``M x P`` matrix.
+batch dimension (examples stay on the first, as estimators expect), and one backward pass gives
+every replicate's gradient ``delta_m`` with respect to that output (only the encoder output is
+differentiated, so the decoder's parameter gradients, and for estimators that use only ``f``'s
+values the whole decoder backward, are skipped). When the encoder ends in a linear layer, that
+layer's per-estimate gradients ``delta_m^T h`` are formed a few rows at a time, centred and
+squared while in cache and summed per group: the ``M x P`` matrix never exists. Earlier layers
+(if any) get one batched vector-Jacobian product (``autograd.grad(..., is_grads_batched=True)``).
 """

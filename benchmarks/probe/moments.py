@@ -5,6 +5,7 @@ moments, accumulated per jackknife group without materializing the ``M x P`` mat
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,80 @@ def _encoder_params(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(f"encoder.{n}", p) for n, p in model.encoder.named_parameters()]
 
 
+#: Rows of the last layer's per-estimate weight gradients formed at once when their squares
+#: are summed (``[rows, estimates, D_in]`` stays in cache instead of an ``M x P`` matrix).
+SQUARE_ROWS = 16
+
+
+def _split_last_linear(encoder: nn.Module) -> tuple[nn.Module | None, nn.Linear] | None:
+    """``(front, last)`` when the encoder ends in an ``nn.Linear`` whose parameters are the
+    last ones of ``named_parameters`` (``front`` is ``None`` for a bare linear map), else
+    ``None``."""
+    if isinstance(encoder, nn.Linear):
+        return None, encoder
+    if isinstance(encoder, nn.Sequential) and isinstance(encoder[-1], nn.Linear):
+        return (encoder[:-1] if len(encoder) > 1 else None), encoder[-1]
+    return None
+
+
+class _Accumulator:
+    """Per-group float64 sums of estimates and of their squares (``[K, P]``), fed per chunk
+    with the float sums of each contiguous block of estimates that belongs to one group."""
+
+    def __init__(self, groups: int, size: int, num_estimates: int) -> None:
+        self.groups, self.num_estimates = groups, num_estimates
+        self.sums = torch.zeros(groups, size, dtype=torch.float64)
+        self.sumsqs = torch.zeros_like(self.sums)
+        self.counts = torch.zeros(groups, dtype=torch.float64)
+
+    def blocks(self, done: int, m: int) -> list[tuple[int, int, int]]:
+        """``(group, start, stop)`` of the chunk's estimates ``done .. done + m - 1``."""
+        ids = torch.arange(done, done + m) * self.groups // self.num_estimates  # [m]
+        self.counts.index_add_(0, ids, torch.ones(m, dtype=torch.float64))
+        out, start = [], 0
+        for k, n in zip(*torch.unique_consecutive(ids, return_counts=True), strict=True):
+            out.append((int(k), start, start + int(n)))
+            start += int(n)
+        return out
+
+    def add(self, group: int, cols: slice, total: Tensor, squares: Tensor) -> None:
+        self.sums[group, cols] += total.double().cpu()
+        self.sumsqs[group, cols] += squares.double().cpu()
+
+
+def _last_layer_grads(delta: Tensor, h_in: Tensor, bias: bool) -> Iterator[Tensor]:
+    """The last linear layer's per-estimate gradients ``G_m = delta_m^T h_in`` (weight) and
+    ``sum_b delta_m`` (bias), from ``delta [B, g, H]`` and the layer's input ``h_in
+    [B, D_in]``: :data:`SQUARE_ROWS` weight rows at a time (``[rows, g, D_in]``), then the
+    bias (``[1, g, H]``), never the whole ``g x P_last`` matrix. Flattened in order, the
+    pieces are the layer's coordinates."""
+    per = delta.permute(2, 1, 0).contiguous()  # [H, g, B]
+    for r in range(0, per.shape[0], SQUARE_ROWS):
+        yield per[r : r + SQUARE_ROWS] @ h_in  # [rows, g, D_in]
+    if bias:
+        yield delta.sum(0)[None]  # [1, g, H]
+
+
+def _last_layer_shift(delta: Tensor, h_in: Tensor, bias: bool) -> Tensor:
+    """``[P_last]``: the mean over the chunk's estimates of the last layer's gradients."""
+    return torch.cat([g.mean(1).reshape(-1) for g in _last_layer_grads(delta, h_in, bias)])
+
+
+def _last_layer_moments(
+    delta: Tensor, h_in: Tensor, bias: bool, shift: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sums over the estimates of ``G_m - shift`` and of its square, ``[P_last]`` each (see
+    :func:`_last_layer_grads`; each piece is centred and squared while it is in cache)."""
+    totals, squares, start = [], [], 0
+    for g in _last_layer_grads(delta, h_in, bias):
+        size = g.shape[0] * g.shape[2]
+        dev = g - shift[start : start + size].view(g.shape[0], 1, g.shape[2])
+        totals.append(dev.sum(1).reshape(-1))
+        squares.append(dev.square_().sum(1).reshape(-1))
+        start += size
+    return torch.cat(totals), torch.cat(squares)
+
+
 def gradient_moments(
     model: nn.Module,
     x: Tensor,
@@ -66,6 +141,13 @@ def gradient_moments(
     ``learning_signal(x, q, kl)`` (see :class:`benchmarks.vae.VAE`). The estimator is used in
     eval mode on a copy, so its state (moving averages) is neither updated nor disturbed.
     Estimates are computed ``chunk`` at a time.
+
+    Every estimate is the chain rule through the encoder of ``delta_m``, the gradient of
+    estimate ``m``'s surrogate with respect to the (replicated) encoder output. When the
+    encoder ends in a linear layer, that layer's moments are summed from ``delta`` and the
+    layer's input a few rows at a time (:func:`_last_layer_moments`); the layers before it
+    (if any) get one batched vector-Jacobian product per chunk. Estimates are centred on the
+    mean of the first chunk before squares are summed.
     """
     if num_estimates < 2 * groups:
         raise ValueError(
@@ -75,50 +157,85 @@ def gradient_moments(
     est = copy.deepcopy(estimator).eval()
     named = _encoder_params(model)
     params = [p for _, p in named]
-    b = x.shape[0]
-    head = model.encoder(x)  # [B, H], graph kept for the batched VJPs
-    sums = torch.zeros(groups, sum(p.numel() for p in params), dtype=torch.float64)
-    sumsqs = torch.zeros_like(sums)
-    counts = torch.zeros(groups, dtype=torch.float64)
-    f_evals = 0
-    done = 0
-    shift = None
+    split = _split_last_linear(model.encoder)
+    if split is None:  # any encoder: the batched VJP of its output for every parameter
+        last, h_in, head = None, x, model.encoder(x)
+    else:
+        front, last = split
+        h_in = x if front is None else front(x)  # [B, D_in], graph kept for the VJPs
+        head = last(h_in)  # [B, H]
+    n_last = 0 if last is None else len(list(last.parameters()))
+    early = params[: len(params) - n_last]
+    p_early = sum(p.numel() for p in early)
+    bias = last is not None and last.bias is not None
+    acc = _Accumulator(groups, sum(p.numel() for p in params), num_estimates)
+    f_evals, done, shift = 0, 0, None
     while done < num_estimates:
         m = min(chunk, num_estimates - done)
-        head_rep = head.detach()[:, None].expand(b, m, head.shape[-1]).clone().requires_grad_()
-        q = model.distribution(head_rep)  # batch [B, m]
-        f = model.learning_signal(x[:, None], q, kl)
-        context = x[:, None].expand(b, m, *x.shape[1:])
-        out = est(q, f, num_samples=num_samples, context=context)
-        (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)  # [B, m, H]
-        grads = torch.autograd.grad(
-            head,
-            params,
-            grad_outputs=delta.movedim(1, 0),
-            is_grads_batched=True,
-            retain_graph=True,
-        )  # each [m, *shape]
-        flat = torch.cat([g.reshape(m, -1) for g in grads], 1)  # [m, P]
+        delta, f_evals = _output_gradients(model, x, est, head, m, kl, num_samples)  # [B, m, H]
+        flat = _early_grads(delta, head, h_in, last, early) if early else None  # [m, P_e]
         if shift is None:
-            shift = flat.mean(0)
-        dev = flat - shift
-        # Groups are contiguous blocks of estimates: sum each block of this chunk in the
-        # estimates' dtype (a few terms, centred), then accumulate the block sums in float64.
-        ids = torch.arange(done, done + m) * groups // num_estimates  # [m]
-        first, n_blocks = int(ids[0]), int(ids[-1] - ids[0]) + 1
-        local = (ids - first).to(flat.device)
-        part_s = flat.new_zeros(n_blocks, flat.shape[1]).index_add_(0, local, dev)
-        part_q = flat.new_zeros(n_blocks, flat.shape[1]).index_add_(0, local, dev * dev)
-        sums[first : first + n_blocks] += part_s.double().cpu()
-        sumsqs[first : first + n_blocks] += part_q.double().cpu()
-        counts.index_add_(0, ids, torch.ones(m, dtype=torch.float64))
-        f_evals = out.f_evals
+            parts = [] if flat is None else [flat.mean(0)]
+            if last is not None:
+                parts.append(_last_layer_shift(delta, h_in.detach(), bias))
+            shift = torch.cat(parts)  # [P]
+        for k, lo, hi in acc.blocks(done, m):
+            if flat is not None:
+                dev = flat[lo:hi] - shift[:p_early]
+                acc.add(k, slice(0, p_early), dev.sum(0), (dev * dev).sum(0))
+            if last is not None:
+                moments = _last_layer_moments(delta[:, lo:hi], h_in.detach(), bias,
+                                              shift[p_early:])  # fmt: skip
+                acc.add(k, slice(p_early, None), *moments)
         done += m
     assert shift is not None
     return GroupedMoments(
-        [n for n, _ in named], [p.numel() for p in params], sums, sumsqs, counts, f_evals,
-        shift.double().cpu(),
+        [n for n, _ in named], [p.numel() for p in params], acc.sums, acc.sumsqs, acc.counts,
+        f_evals, shift.double().cpu(),
     )  # fmt: skip
+
+
+def _output_gradients(
+    model: nn.Module,
+    x: Tensor,
+    est: nn.Module,
+    head: Tensor,
+    m: int,
+    kl: str,
+    num_samples: int | None,
+) -> tuple[Tensor, int]:
+    """``delta [B, m, H]``: for ``m`` independent estimates, the gradient of each one's
+    surrogate (of the batch-mean objective) with respect to the encoder output ``head``
+    (replicated along a second batch dimension), and the estimator's ``f_evals``. Only the
+    encoder output is differentiated, so autograd skips the decoder's parameter gradients
+    (and, for estimators that use only ``f``'s values, the whole decoder backward)."""
+    b = x.shape[0]
+    head_rep = head.detach()[:, None].expand(b, m, head.shape[-1]).clone().requires_grad_()
+    q = model.distribution(head_rep)  # batch [B, m]
+    # A contiguous replicate of x: the per-pixel likelihood then broadcasts over the leading
+    # sample dimension only, where a broadcast over the middle one is about 1.5x slower.
+    x_rep = x[:, None].expand(b, m, *x.shape[1:]).contiguous()
+    out = est(q, model.learning_signal(x_rep, q, kl), num_samples=num_samples, context=x_rep)
+    (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)
+    return delta, out.f_evals
+
+
+def _early_grads(
+    delta: Tensor, head: Tensor, h_in: Tensor, last: nn.Linear | None, early: list[Tensor]
+) -> Tensor:
+    """Per-estimate gradients ``[m, P_early]`` of the ``early`` parameters (all of them
+    when there is no ``last`` layer) from ``delta [B, m, H]``, by one batched
+    vector-Jacobian product through the layers before ``last``."""
+    m = delta.shape[1]
+    if last is None:
+        out, grad_out = head, delta
+    else:
+        out, grad_out = h_in, delta @ last.weight.detach()  # [B, m, D_in]
+    grads = torch.autograd.grad(
+        out, early, grad_outputs=grad_out.movedim(1, 0), is_grads_batched=True,
+        retain_graph=True,
+    )  # fmt: skip  # each [m, *shape]
+    return torch.cat([g.reshape(m, -1) for g in grads], 1)
 
 
 def gradient_moments_loop(

@@ -4,7 +4,8 @@ the committed metrics (``tests/benchmarks/golden/records.csv``).
 The file pins what the harness computes, so moving code around (the restructuring) cannot
 change a result unnoticed. Timing rows (``wall_time``, the throughput split,
 ``probe/seconds``) are excluded; values must agree to a relative 1e-6 (float reassociation
-aside, a move changes nothing). Regenerate only when a result is *meant* to change, and say why
+aside, a move changes nothing), the probe's ill-conditioned rows (jackknife SEs, debiased
+squared bias) to a relative 1e-4. Regenerate only when a result is *meant* to change, and say why
 in the commit: ``python -m pytest tests/benchmarks/test_golden_records.py --regen-golden``.
 """
 
@@ -85,7 +86,23 @@ def test_harness_reproduces_the_golden_records(
     assert len(want), f"no golden records for {case}: regenerate with --regen-golden"
     assert got[KEY].astype(str).equals(want[KEY].astype(str)), f"{case}: rows differ"
     assert (got["f_evals"].to_numpy() == want["f_evals"].to_numpy()).all()
-    np.testing.assert_allclose(
-        got["value"].to_numpy(float), want["value"].to_numpy(float), rtol=1e-6, atol=1e-12,
-        equal_nan=True, err_msg=case,
-    )  # fmt: skip
+    fragile = _ill_conditioned(got)
+    for rows, rtol in ((~fragile, 1e-6), (fragile, FRAGILE_RTOL)):
+        np.testing.assert_allclose(
+            got.loc[rows, "value"].to_numpy(float), want.loc[rows, "value"].to_numpy(float),
+            rtol=rtol, atol=1e-12, equal_nan=True, err_msg=case,
+        )  # fmt: skip
+
+
+#: Relative tolerance of the probe's ill-conditioned rows (see :func:`_ill_conditioned`).
+FRAGILE_RTOL = 1e-4
+
+
+def _ill_conditioned(df: pd.DataFrame) -> pd.Series:
+    """Probe rows whose value amplifies float rounding far beyond 1e-6: jackknife standard
+    errors (differences of nearly equal leave-one-group-out values, the SNR's over
+    coordinates whose std is rounding noise) and the debiased squared bias (a difference of
+    nearly equal terms). Summing the same per-estimate gradients in another order moves them
+    by up to about 3e-5 (relative); every other row stays within 1e-6."""
+    metric = df["metric"].astype(str)
+    return (df["split"] == "probe") & (metric.str.endswith("_se") | (metric == "grad_bias2"))

@@ -1,0 +1,123 @@
+"""The probe's speed-up: batched :func:`~benchmarks.probe.moments.gradient_moments` over the
+naive loop (:func:`~benchmarks.probe.moments.gradient_moments_loop`), timed interleaved.
+
+For each case of :data:`.bench_probe.ESTIMATORS` (linear VAE 784-200, batch 100), ``M``
+estimates by each method in alternating blocks of one call (loop first on odd blocks); the
+speed-up is the median over blocks of loop time / batched time, with a 95% bootstrap
+interval (:func:`.summary.interleaved_ratio`). Targets (issue 18): at least 3x for reinforce
+and rloo, 2x for the others. Writes ``probe_<device>.json`` and ``probe_<device>.md``::
+
+    python -m benchmarks.throughput.probe_speed [--num-estimates 1000] [--blocks 5]
+        [--out-dir results/throughput] [--note TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+#: Target speed-up per estimator (issue 18); the others need 2x.
+TARGETS = {"reinforce": 3.0, "rloo": 3.0}
+
+
+def measure(num_estimates: int, blocks: int, chunk: int, device: str) -> list[dict[str, Any]]:
+    """One row per case: median seconds of each method and the interleaved speed-up."""
+    import torch
+
+    from benchmarks.probe.moments import gradient_moments, gradient_moments_loop
+    from benchmarks.throughput.bench_probe import ESTIMATORS, probe_case
+    from benchmarks.throughput.bench_throughput import torch_threads
+    from benchmarks.throughput.summary import interleaved_ratio
+
+    rows = []
+    with torch_threads(1):
+        for name, options, family in ESTIMATORS:
+            model, x, est = probe_case(name, options, family, device)
+
+            def loop(model=model, x=x, est=est):
+                return gradient_moments_loop(model, x, est, num_estimates)
+
+            def batched(model=model, x=x, est=est):
+                return gradient_moments(model, x, est, num_estimates, chunk=chunk)
+
+            load = os.getloadavg()[0]
+            r = interleaved_ratio(loop, batched, blocks, block_seconds=0, warmup=1, min_steps=1)
+            target = TARGETS.get(name, 2.0)
+            rows.append({
+                "estimator": name, "family": family, "num_estimates": num_estimates,
+                "batch_size": x.shape[0], "chunk": chunk, "threads": torch.get_num_threads(),
+                "loop_s": r["a_ms"] / 1e3, "batched_s": r["b_ms"] / 1e3,
+                "speedup": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                "target": target, "meets_target": r["ratio"] >= target,
+                "block_ratios": r["ratios"], "loadavg_1m_start": load,
+            })  # fmt: skip
+            times = f"loop {r['a_ms'] / 1e3:7.2f} s  batched {r['b_ms'] / 1e3:7.2f} s"
+            print(f"{name:15s} {times}  x{r['ratio']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    """The speed-up table with the machine's load."""
+    from benchmarks.report.tables import markdown_table
+
+    cells = pd.DataFrame([
+        [r["estimator"], r["family"], r["num_estimates"], r["batch_size"],
+         f"{r['loop_s']:.2f}", f"{r['batched_s']:.2f}", f"{r['speedup']:.2f}",
+         f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]", f">= {r['target']:g}",
+         "yes" if r["meets_target"] else "no"]
+        for r in rows
+    ], columns=["estimator", "family", "M", "B", "loop (s)", "batched (s)", "loop / batched",
+                "95% CI", "target", "met"])  # fmt: skip
+    return (
+        f"# Probe speed-up on {machine['device']} (1 thread)\n\n"
+        "Interleaved blocks of one call each: M gradient estimates of the encoder by the naive "
+        "loop and by the batched probe (`benchmarks/probe/moments.py`); speed-up = median over "
+        "blocks of loop / batched, 95% bootstrap interval. Linear VAE 784-200.\n\n"
+        f"- date: {machine['date']}; commit {machine.get('git_commit')} (dirty: "
+        f"{machine.get('git_dirty')}); load average before: {machine['loadavg_before']}, "
+        f"after: {machine['loadavg_after']}\n"
+        + (f"- note: {machine['note']}\n" if machine.get("note") else "")
+        + "\n"
+        + markdown_table(cells)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure and write ``probe_<device>.json`` / ``.md``."""
+    from benchmarks.records.files import atomic_write_bytes, write_json
+    from benchmarks.records.runs import git_state
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-estimates", type=int, default=1000, help="M (default 1000)")
+    parser.add_argument("--blocks", type=int, default=5, help="blocks per case (>= 3)")
+    parser.add_argument("--chunk", type=int, default=50, help="estimates per batched chunk")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out-dir", default="results/throughput")
+    parser.add_argument("--note", default="", help="what else ran on the machine")
+    args = parser.parse_args(argv)
+    if args.blocks < 3:
+        parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3")
+    if args.num_estimates < 40:
+        parser.error(f"--num-estimates={args.num_estimates} is invalid; allowed: >= 40")
+    machine = {"device": args.device, "note": args.note, **git_state(),
+               "loadavg_before": [round(v, 2) for v in os.getloadavg()],
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    rows = measure(args.num_estimates, args.blocks, args.chunk, args.device)
+    machine["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    stem = Path(args.out_dir) / f"probe_{args.device}"
+    write_json(stem.with_suffix(".json"), {"machine": machine, "results": rows})
+    text = markdown(rows, machine)
+    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
