@@ -1,0 +1,273 @@
+"""The harness's training step against its peers, Pyro and Storchastic, on the same model.
+
+Linear Bernoulli VAE (784 pixels, 200 Bernoulli latents, ``nn.Linear`` encoder and decoder,
+Bernoulli(1/2) prior), a fixed binary batch of 100, Adam (lr 1e-3), 1 thread, CPU. Each
+framework trains with its own idiomatic score-function estimator:
+
+- ``S = 1``: the harness's ``reinforce`` (no baseline, analytic KL); Pyro's
+  ``TraceGraph_ELBO`` (score function for the non-reparameterizable ``z``, no baseline);
+  Storchastic's ``ScoreFunction("z", n_samples=1)`` (analytic KL as a cost);
+- ``S = 8``: the harness's ``rloo`` (leave-one-out); Pyro's ``TraceGraph_ELBO`` with 8
+  vectorized particles; Storchastic's ``ScoreFunction`` with 8 samples and its
+  ``batch_average`` baseline (the mean of the other samples: leave-one-out).
+
+Pyro runs with validation off and Storchastic without its checks, as the harness builds its
+distributions with ``validate_args=False``; the peers use ``torch.optim.Adam``'s default
+implementation, the harness the fused Adam of ``make_optimizer`` (its default).
+
+One run times the three steps in interleaved blocks (the order rotates from block to block)
+and reports, per ``S`` and peer, the median over blocks of peer time / harness time with a
+95% bootstrap interval (``scipy.stats.bootstrap``, :func:`.summary.bootstrap_median_ci`).
+Writes ``peers_<device>.json`` (tidy rows, one per ``S`` and framework, and the machine) and
+``peers_<device>.md``. Pyro and Storchastic are optional (``pip install -c constraints.txt
+-e '.[peers]'``); without them the command says so and exits 2::
+
+    python -m benchmarks.throughput.peers [--blocks 21] [--block-seconds 0.3]
+        [--out-dir results/throughput] [--note TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+DATA_DIM, LATENTS, BATCH, LR = 784, 200, 100, 1e-3
+#: The peers' packages (import name -> PyPI name).
+PEERS = {"pyro": "pyro-ppl", "storch": "storchastic"}
+#: Target: the harness at least this many times faster than each peer (issue 18).
+TARGET = 2.5
+
+
+def missing_peers() -> list[str]:
+    """PyPI names of the peer packages that are not installed."""
+    return [pypi for mod, pypi in PEERS.items() if importlib.util.find_spec(mod) is None]
+
+
+def _batch(seed: int = 0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(BATCH, DATA_DIM, generator=gen) < 0.3).float()
+
+
+def _networks(seed: int = 0) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(seed)
+    return nn.Linear(DATA_DIM, LATENTS), nn.Linear(LATENTS, DATA_DIM)
+
+
+def harness_step(num_samples: int) -> Callable[[], Tensor]:
+    """The harness's step (:func:`.bench_throughput.harness_step`): reinforce at ``S = 1``,
+    rloo otherwise."""
+    from benchmarks.throughput.bench_throughput import build, make_case
+    from benchmarks.throughput.bench_throughput import harness_step as step
+
+    name = "reinforce" if num_samples == 1 else "rloo"
+    return step(build(make_case(name, {}, "bernoulli", BATCH, num_samples)))
+
+
+def pyro_step(num_samples: int) -> Callable[[], Tensor]:
+    """One ``SVI.step`` of ``TraceGraph_ELBO`` (``num_samples`` vectorized particles)."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer import SVI, TraceGraph_ELBO
+
+    pyro.clear_param_store()
+    pyro.enable_validation(False)
+    encoder, decoder = _networks()
+    x = _batch()
+
+    def model(x: Tensor) -> None:
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            prior = dist.Bernoulli(logits=x.new_zeros(x.shape[0], LATENTS)).to_event(1)
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x: Tensor) -> None:
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=encoder(x)).to_event(1))
+
+    elbo = TraceGraph_ELBO(
+        num_particles=num_samples, vectorize_particles=num_samples > 1, max_plate_nesting=1
+    )
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), elbo)
+    return lambda: svi.step(x)
+
+
+def storch_step(num_samples: int) -> Callable[[], Tensor]:
+    """One Storchastic step: ``ScoreFunction`` (``batch_average`` leave-one-out baseline
+    when ``num_samples > 1``), analytic KL and the Bernoulli likelihood as costs."""
+    import storch
+    from storch.method import ScoreFunction
+    from torch.distributions import Bernoulli, kl_divergence
+
+    encoder, decoder = _networks()
+    x = _batch()
+    baseline = "batch_average" if num_samples > 1 else "none"
+    method = ScoreFunction("z", n_samples=num_samples, baseline_factory=baseline)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=LR)
+
+    def step() -> Tensor:
+        optimizer.zero_grad()
+        storch.reset()
+        data = storch.denote_independent(x, 0, "data")
+        q = Bernoulli(logits=encoder(data), validate_args=False)
+        prior = Bernoulli(logits=torch.zeros_like(q.logits), validate_args=False)
+        storch.add_cost(kl_divergence(q, prior).sum(-1), "kl")
+        z = method(q)
+        p = Bernoulli(logits=decoder(z), validate_args=False)
+        storch.add_cost(-p.log_prob(data).sum(-1), "reconstruction")
+        cost = storch.backward()
+        optimizer.step()
+        return cost
+
+    return step
+
+
+#: Framework -> step factory, in the order of the first block.
+STEPS: dict[str, Callable[[int], Callable[[], Any]]] = {
+    "harness": harness_step,
+    "pyro": pyro_step,
+    "storchastic": storch_step,
+}
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], Any]], blocks: int, block_seconds: float, warmup: int = 5
+) -> dict[str, list[float]]:
+    """Seconds per call of each step in each of ``blocks`` blocks; a block times ``n`` calls
+    of every step one after the other (``n`` from the slowest step, so a block of it lasts
+    about ``block_seconds``), the order rotating from block to block."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    slowest = 0.0
+    for fn in steps.values():
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        slowest = max(slowest, (time.perf_counter() - start) / 3)
+    n = max(3, round(block_seconds / slowest))
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(blocks):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn, start = steps[name], time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - start) / n)
+    return times
+
+
+def measure(blocks: int, block_seconds: float, sizes: Sequence[int] = (1, 8)) -> list[dict]:
+    """Tidy rows ``{num_samples, framework, estimator, ms, ratio, ci_low, ci_high, ...}``:
+    ``ratio`` = framework time / harness time (median over blocks), 1 for the harness."""
+    from benchmarks.throughput.summary import bootstrap_median_ci
+
+    estimator = {
+        1: {"harness": "reinforce", "pyro": "TraceGraph_ELBO", "storchastic": "ScoreFunction"},
+        8: {"harness": "rloo", "pyro": "TraceGraph_ELBO (vectorized particles)",
+            "storchastic": "ScoreFunction (batch_average)"},
+    }  # fmt: skip
+    rows = []
+    for s in sizes:
+        load = os.getloadavg()[0]
+        times = interleaved_times({k: f(s) for k, f in STEPS.items()}, blocks, block_seconds)
+        base = np.asarray(times["harness"])
+        for name, t in times.items():
+            ratios = np.asarray(t) / base
+            low, high = bootstrap_median_ci(ratios)
+            rows.append({
+                "num_samples": s, "framework": name, "estimator": estimator[min(s, 8)][name],
+                "batch_size": BATCH, "threads": torch.get_num_threads(),
+                "ms": 1e3 * float(np.median(t)), "ratio": float(np.median(ratios)),
+                "ci_low": low, "ci_high": high, "blocks": blocks,
+                "target": None if name == "harness" else TARGET,
+                "meets_target": None if name == "harness" else bool(np.median(ratios) >= TARGET),
+                "loadavg_1m_start": load, "block_ms": [1e3 * v for v in t],
+            })  # fmt: skip
+            print(f"S={s} {name:12s} {rows[-1]['ms']:8.2f} ms  x{rows[-1]['ratio']:.2f} "
+                  f"[{low:.2f}, {high:.2f}]", flush=True)  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict], machine: dict[str, Any]) -> str:
+    """The table of :func:`measure`'s rows, with the machine's load."""
+    import pandas as pd
+
+    from benchmarks.report.tables import markdown_table
+
+    cells = pd.DataFrame([
+        [r["num_samples"], r["framework"], r["estimator"], f"{r['ms']:.2f}",
+         f"{r['ratio']:.2f}", f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+         "—" if r["target"] is None else f">= {r['target']:g}",
+         "—" if r["meets_target"] is None else ("yes" if r["meets_target"] else "no")]
+        for r in rows
+    ], columns=["S", "framework", "estimator", "ms / step", "time / harness", "95% CI",
+                "target", "met"])  # fmt: skip
+    lines = [
+        f"# The harness against Pyro and Storchastic on {machine['device']} (1 thread)",
+        "",
+        "One training step of the linear Bernoulli VAE (784-200, batch 100, Adam), timed in "
+        "interleaved blocks; time / harness = median over blocks of the framework's time over "
+        "the harness's in the same block, 95% bootstrap interval (`benchmarks/throughput/"
+        "peers.py`).",
+        "",
+        f"- date: {machine['date']}; commit {machine.get('git_commit')} (dirty: "
+        f"{machine.get('git_dirty')}); versions: {machine['versions']}",
+        f"- load average before: {machine['loadavg_before']}; after: {machine['loadavg_after']}",
+    ]
+    if machine.get("note"):
+        lines.append(f"- note: {machine['note']}")
+    return "\n".join([*lines, "", markdown_table(cells).rstrip()]) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure and write ``peers_cpu.json`` / ``.md``; exit 2 when a peer is missing."""
+    import sys
+    from importlib.metadata import version
+
+    from benchmarks.records.files import atomic_write_bytes, write_json
+    from benchmarks.records.runs import git_state
+    from benchmarks.throughput.bench_throughput import torch_threads
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=21, help="blocks per S (>= 3)")
+    parser.add_argument("--block-seconds", type=float, default=0.3, help="seconds per block")
+    parser.add_argument("--out-dir", default="results/throughput")
+    parser.add_argument("--note", default="", help="what else ran on the machine")
+    args = parser.parse_args(argv)
+    if args.blocks < 3:
+        parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3")
+    if missing := missing_peers():
+        print(f"peers: {', '.join(missing)} not installed; install them with "
+              "pip install -c constraints.txt -e '.[peers]'", file=sys.stderr)  # fmt: skip
+        return 2
+    machine = {
+        "device": "cpu", "note": args.note, **git_state(),
+        "versions": {p: version(p) for p in ("torch", *PEERS.values())},
+        "loadavg_before": [round(v, 2) for v in os.getloadavg()],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    with torch_threads(1):
+        rows = measure(args.blocks, args.block_seconds)
+    machine["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    stem = Path(args.out_dir) / "peers_cpu"
+    write_json(stem.with_suffix(".json"), {"machine": machine, "results": rows})
+    text = markdown(rows, machine)
+    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The peer comparison (``benchmarks/throughput/peers.py``): its steps train the same model in
+every framework, blocks interleave, and a missing peer is one clear line (no timing asserts)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.throughput import peers
+
+
+def test_interleaved_times_rotates_and_times_every_step_in_every_block() -> None:
+    """Every step gets one time per block, and the block order rotates (each step leads a
+    block in turn)."""
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = peers.interleaved_times(steps, blocks=3, block_seconds=0.0, warmup=0)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    timed = calls[9:]  # after 3 calls of each to size the blocks
+    n = len(timed) // 9  # calls per step per block
+    leaders = [timed[i * 3 * n] for i in range(3)]
+    assert leaders == ["a", "b", "c"]
+
+
+def test_missing_peers_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path) -> None:
+    """Without Pyro or Storchastic the command names the missing packages and how to install
+    them, writes nothing and exits 2."""
+    monkeypatch.setattr(peers, "missing_peers", lambda: ["pyro-ppl"])
+    assert peers.main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pyro-ppl" in err and ".[peers]" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("framework", ["pyro", "storchastic"])
+def test_peer_steps_train_the_linear_bernoulli_vae(framework: str, num_samples: int) -> None:
+    """A peer's step runs on the benchmark's model and batch and returns a finite loss whose
+    per-example value is that of the harness's model at the same initialization (about 540
+    nats: the same networks, data and prior), so the comparison times the same model."""
+    pytest.importorskip("pyro")
+    pytest.importorskip("storch")
+    import torch
+
+    with torch.random.fork_rng():
+        step = peers.STEPS[framework](num_samples)
+        loss = float(torch.as_tensor(step()).detach())
+    per_example = loss / peers.BATCH if framework == "pyro" else loss  # Pyro sums the batch
+    assert math.isfinite(per_example)
+    harness = float(peers.harness_step(num_samples)().detach())
+    assert per_example == pytest.approx(harness, rel=0.02)
