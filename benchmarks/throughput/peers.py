@@ -236,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
     from importlib.metadata import version
 
+    from benchmarks.harness.allocator import retain_freed_memory
     from benchmarks.records.files import atomic_write_bytes, write_json
     from benchmarks.records.runs import git_state
     from benchmarks.throughput.bench_throughput import torch_threads
@@ -255,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = {
         "device": "cpu", "note": args.note, **git_state(),
         "versions": {p: version(p) for p in ("torch", *PEERS.values())},
+        "cpu_malloc": retain_freed_memory(),  # as the training runs and the other benchmarks
         "loadavg_before": [round(v, 2) for v in os.getloadavg()],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip

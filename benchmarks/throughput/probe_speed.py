@@ -91,6 +91,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and write ``probe_<device>.json`` / ``.md``."""
+    from benchmarks.harness.allocator import retain_freed_memory
     from benchmarks.records.files import atomic_write_bytes, write_json
     from benchmarks.records.runs import git_state
 
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_estimates < 40:
         parser.error(f"--num-estimates={args.num_estimates} is invalid; allowed: >= 40")
     machine = {"device": args.device, "note": args.note, **git_state(),
+               "cpu_malloc": retain_freed_memory(),
                "loadavg_before": [round(v, 2) for v in os.getloadavg()],
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
     rows = measure(args.num_estimates, args.blocks, args.chunk, args.device)
