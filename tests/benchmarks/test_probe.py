@@ -180,6 +180,37 @@ def test_batched_probe_is_exact_when_estimates_are_deterministic() -> None:
     assert float(vb[0].max()) < 1e-20
 
 
+@pytest.mark.parametrize("square_rows", [1, 16])
+@pytest.mark.parametrize("arch", ["linear", "nonlinear"])
+def test_batched_probe_is_exact_for_every_encoder_layer(monkeypatch, arch, square_rows) -> None:
+    """With deterministic latents the batched probe's mean equals the naive pass's gradient
+    for every encoder parameter (the last linear layer's moments summed from ``delta`` a few
+    rows at a time, the earlier layers' by the batched VJP) and its variance is 0; on
+    non-deterministic latents both give the same per-coordinate means within z * SE."""
+    import benchmarks.probe.moments as moments_module
+
+    monkeypatch.setattr(moments_module, "SQUARE_ROWS", square_rows)
+    torch.manual_seed(0)
+    model = VAE(data_dim=6, family="bernoulli", arch=arch, latent_dim=3, hidden_dim=5).double()
+    x = (torch.rand(4, 6, dtype=torch.float64) < 0.5).double()
+    with torch.no_grad():
+        model.encoder[-1].bias.fill_(40.0)  # every sample is 1: every estimate is the same
+    est = estimators.get("reinforce")
+    mb, vb, _ = gradient_moments(model, x, est, 40, chunk=7).leave_one_out()
+    ml, _, _ = gradient_moments_loop(model, x, est, 40).leave_one_out()
+    assert torch.allclose(mb[0], ml[0], atol=1e-10)
+    assert float(vb[0].max()) < 1e-20
+    with torch.no_grad():
+        model.encoder[-1].bias.zero_()
+    torch.manual_seed(1)
+    batched = gradient_moments(model, x, est, 1000, chunk=300)
+    torch.manual_seed(2)
+    loop = gradient_moments_loop(model, x, est, 1000)
+    (mb, vb, nb), (ml, vl, nl) = batched.leave_one_out(), loop.leave_one_out()
+    se = (vb[0] / nb[0] + vl[0] / nl[0]).sqrt().clamp_min(1e-12)
+    assert ((mb[0] - ml[0]).abs() / se).max() <= z_critical(1e-3 / 4, mb.shape[1])
+
+
 def test_probe_basket_labels_rows_and_skips_bias_for_other_objectives() -> None:
     """probe_basket returns labelled rows for each estimator and parameter tensor, a reference
     row, and no bias rows for estimators of another objective (VIMCO's IWAE bound)."""
