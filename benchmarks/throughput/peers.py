@@ -24,6 +24,7 @@ Writes ``peers_<device>.json`` (tidy rows, one per ``S`` and framework, and the 
 
     python -m benchmarks.throughput.peers [--blocks 21] [--block-seconds 0.3]
         [--out-dir results/throughput] [--note TEXT]
+    python -m benchmarks.throughput.peers --profile   # torch.profiler of the harness at S = 8
 """
 
 from __future__ import annotations
@@ -231,6 +232,23 @@ def markdown(rows: list[dict], machine: dict[str, Any]) -> str:
     return "\n".join([*lines, "", markdown_table(cells).rstrip()]) + "\n"
 
 
+def profile_harness(num_samples: int = 8, steps: int = 20, rows: int = 15) -> str:
+    """The ``torch.profiler`` table (self CPU time, by operator and input shape) of ``steps``
+    harness steps at ``num_samples``: where the step's time goes."""
+    from torch.profiler import profile
+
+    step = harness_step(num_samples)
+    for _ in range(5):
+        step()
+    with profile(record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=45
+    )
+    return f"harness step, S={num_samples}, {steps} steps, 1 thread:\n{table}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and write ``peers_cpu.json`` / ``.md``; exit 2 when a peer is missing."""
     import sys
@@ -246,9 +264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--block-seconds", type=float, default=0.3, help="seconds per block")
     parser.add_argument("--out-dir", default="results/throughput")
     parser.add_argument("--note", default="", help="what else ran on the machine")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the harness's S=8 step profile and stop"
+    )
     args = parser.parse_args(argv)
     if args.blocks < 3:
         parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3")
+    if args.profile:
+        retain_freed_memory()
+        with torch_threads(1):
+            print(profile_harness())
+        return 0
     if missing := missing_peers():
         print(f"peers: {', '.join(missing)} not installed; install them with "
               "pip install -c constraints.txt -e '.[peers]'", file=sys.stderr)  # fmt: skip
