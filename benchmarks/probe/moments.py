@@ -116,7 +116,7 @@ def _last_layer_moments(
     totals, squares, start = [], [], 0
     for g in _last_layer_grads(delta, h_in, bias):
         size = g.shape[0] * g.shape[2]
-        dev = g - shift[start : start + size].view(g.shape[0], 1, g.shape[2])
+        dev = g.sub_(shift[start : start + size].view(g.shape[0], 1, g.shape[2]))  # fresh g
         totals.append(dev.sum(1).reshape(-1))
         squares.append(dev.square_().sum(1).reshape(-1))
         start += size
