@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -107,16 +106,14 @@ def accounting_problem() -> str | None:
 
 
 def job_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``sacct``'s ``State``, ``ExitCode``, ``Reason`` and ``Start`` of each task of the
+    """``sacct``'s ``State``, ``ExitCode`` and ``Start`` of each task of the
     given (array) jobs, keyed ``<array id>_<task>`` (pending ranges expanded)."""
     from submitit.slurm.slurm import SlurmInfoWatcher
 
     ids = sorted({str(j).split("_")[0] for j in job_ids})
     if not ids:
         return {}
-    code, out = slurm(
-        "sacct", "-X", "-P", "-o", "JobID,State,ExitCode,Reason,Start", "-j", ",".join(ids)
-    )
+    code, out = slurm("sacct", "-X", "-P", "-o", "JobID,State,ExitCode,Start", "-j", ",".join(ids))
     return SlurmInfoWatcher().read_info(out) if code == 0 else {}
 
 
@@ -274,13 +271,15 @@ def wait_for_jobs(jobs: Sequence[Any]) -> dict[str, dict[str, str]]:
     ended: dict[str, dict[str, str]] = {}
     while waiting:
         states = job_states(sorted(waiting))
+        pending = [j for j in waiting if state_of(states.get(j, {})) == "PENDING"]
+        reasons = pending_reasons(pending) if pending else {}
         for jid in sorted(waiting):
             info = states.get(jid, {})
             state = state_of(info)
-            if state == "PENDING" and info.get("Reason") in BLOCKED:
+            if reasons.get(jid) in BLOCKED:
                 slurm("scancel", *sorted({j.job_id.split("_")[0] for j in jobs}))
                 raise SlurmUnusableError(
-                    f"SLURM will never start job {jid} (pending, Reason={info['Reason']}): "
+                    f"SLURM will never start job {jid} (pending, Reason={reasons[jid]}): "
                     "the request exceeds what the partition offers; cancelled this sweep's "
                     "jobs: change hydra.launcher.* and re-run"
                 )
@@ -380,12 +379,29 @@ def post_mortem(
     return status
 
 
+def pending_reasons(job_ids: Sequence[str]) -> dict[str, str]:
+    """``squeue``'s reason of each pending task of the given (array) jobs (``sacct`` does not
+    know why a job waits), keyed ``<array id>_<task>``."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    ids = sorted({str(j).split("_")[0] for j in job_ids})
+    if not ids:
+        return {}
+    code, out = slurm("squeue", "-h", "-t", "PD", "-j", ",".join(ids), "-o", "%i|%r")
+    if code != 0:
+        return {}
+    info = SlurmInfoWatcher().read_info("JobID|Reason\n" + out)
+    return {jid: i.get("Reason", "") for jid, i in info.items()}
+
+
 def release_requeued(job_ids: Sequence[str]) -> list[str]:
     """Let requeued jobs start now instead of after SLURM's hold (``BeginTime`` about 120 s
     ahead); the ids released. For impatient users and tests."""
     released = []
-    for jid, info in job_states(job_ids).items():
-        held = state_of(info) == "PENDING" and re.match(r"BeginTime", info.get("Reason", ""))
-        if held and slurm("scontrol", "update", f"JobId={jid}", "StartTime=now")[0] == 0:
+    for jid, reason in pending_reasons(job_ids).items():
+        if (
+            reason == "BeginTime"
+            and slurm("scontrol", "update", f"JobId={jid}", "StartTime=now")[0] == 0
+        ):
             released.append(jid)
     return released
