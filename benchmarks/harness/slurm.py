@@ -318,6 +318,8 @@ def job_return(job: Any, info: dict[str, str], overrides: list[str], sweep: Path
         if ret.status == JobStatus.COMPLETED:
             return ret
     error = str(result[1]) if result is not None else ""
+    with contextlib.suppress(Exception):  # srun's last words name a deadly signal
+        error += "\n" + "\n".join((job.stderr() or "").splitlines()[-20:])
     status = post_mortem(job.job_id, info, error, overrides, sweep)
     return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=status)
 
@@ -335,7 +337,8 @@ def job_dir(sweep_dir: Path, overrides: list[str]) -> Path | None:
 def death(job_id: str, info: dict[str, str], error: str) -> tuple[str, str]:
     """``(status, reason)`` of a SLURM job that ended without a result from its Hydra job."""
     state, exit_code = state_of(info), info.get("ExitCode", "?")
-    sig = exit_code.split(":")[-1] if ":" in exit_code else "0"
+    # the preemption signal killed it: srun says so; exit code 12 or signal 12 (SIGUSR2)
+    usr2 = "User defined signal 2" in error or exit_code in ("0:12", "12:0", "140:0")
     seen = f"SLURM job {job_id} ended {state} (exit {exit_code})"
     if "timed-out too many times" in error:
         return "timeout", (
@@ -343,7 +346,7 @@ def death(job_id: str, info: dict[str, str], error: str) -> tuple[str, str]:
             "max_num_timeout spent); re-run the same command to resume from the last "
             "checkpoint, or give it more time (hydra.launcher.timeout_min)"
         )
-    if state in ("TIMEOUT", "DEADLINE") or sig == "12":
+    if state in ("TIMEOUT", "DEADLINE") or usr2:
         return "timeout", (
             f"{seen}: its time-limit signal ended it before it could checkpoint or requeue; "
             "re-run the same command to resume, or give it more time "

@@ -349,7 +349,8 @@ def _not_requeued(run_dir: Path, status: str, reason: str | None, err: Exception
         return reason
     step = record.data.get("last_step")
     reason = (
-        f"out of time at step {step} and not requeued ({err}; hydra.launcher.max_num_timeout "
+        f"out of time at step {step} and not requeued ({str(err).rstrip('.')}; "
+        "hydra.launcher.max_num_timeout "
         "spent); checkpoint saved: re-run the same command to resume"
     )
     record.update_if_possible(reason=reason)
