@@ -116,3 +116,12 @@ def test_a_requeued_job_counts_by_its_last_report(tmp_path: Path, monkeypatch) -
         time.sleep(0.01)  # distinct modification times
     outcome.on_multirun_end(config)
     assert supervise.sweep_problems == []
+
+
+def test_the_presets_leave_the_request_to_the_run_and_the_gpu_preset_asks_one(make_config):
+    """``slurm``: CPUs, memory and GPUs unset (sized per run: no GPU on a CPU-only cluster);
+    ``slurm_gpu``: one GPU per run."""
+    cpu = make_config("hydra/launcher=slurm", return_hydra_config=True).hydra.launcher
+    assert cpu.cpus_per_task is None and cpu.mem_gb is None and cpu.gpus_per_node is None
+    gpu = make_config("hydra/launcher=slurm_gpu", return_hydra_config=True).hydra.launcher
+    assert gpu.gpus_per_node == 1 and gpu._target_ == cpu._target_
