@@ -98,8 +98,11 @@ def app(cfg: DictConfig) -> str:
         else:
             _exit.append((1, f"error: {reason}"))
         return status
+    except SystemExit:  # submitit's handler requeued the job: the next attempt reports
+        status = ""
+        raise
     finally:
-        if multirun:
+        if multirun and status:
             supervise.record_job_outcome(Path(hc.sweep.dir), run_dir, status, reason)
     if status not in ("completed", "diverged") and not multirun:  # e.g. stopped by a signal
         _exit.append((1, f"error: {run_dir}: {status}: {reason}"))

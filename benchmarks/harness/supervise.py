@@ -337,7 +337,24 @@ def _supervise(
             deliver(received[0], previous.get(received[0], signal.SIG_DFL))
         except Exception as err:  # submitit: "timed-out too many times" (not requeued)
             log.warning("%s: not requeued: %s", run_dir, err)
+            reason = _not_requeued(run_dir, status, reason, err)
     return status, reason
+
+
+def _not_requeued(run_dir: Path, status: str, reason: str | None, err: Exception) -> str | None:
+    """A timed-out run whose scheduler gave up requeuing it: its reason says so (not that
+    submitit requeues it)."""
+    record = RunRecord.load(run_dir / RUN_JSON)
+    if status != "timeout" or record is None or record.status != "timeout":
+        return reason
+    step = record.data.get("last_step")
+    reason = (
+        f"out of time at step {step} and not requeued ({str(err).rstrip('.')}; "
+        "hydra.launcher.max_num_timeout "
+        "spent); checkpoint saved: re-run the same command to resume"
+    )
+    record.update_if_possible(reason=reason)
+    return reason
 
 
 _warmed = False
@@ -552,7 +569,10 @@ class SweepOutcome(Callback):
         if not files:
             return None
         out = []
-        for file in files:
+        last: dict[str, Path] = {}  # a requeued job reports each attempt: the last one counts
+        for file in sorted(files, key=lambda f: f.stat().st_mtime_ns):
+            last[str((read_json(file) or {}).get("dir"))] = file
+        for file in sorted(last.values()):
             entry = read_json(file) or {}
             job, status, reason = (
                 Path(entry.get("dir", "?")),

@@ -213,12 +213,13 @@ def test_paper_presets_follow_their_protocols(make_config) -> None:
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "slurm"])
 def test_launcher_presets_compose(make_config, launcher: str) -> None:
-    """hydra/launcher=<x> composes; the slurm preset is submitit's SLURM launcher with
-    partition, time, CPU, GPU and memory fields and requeues timed-out (resumable) jobs."""
+    """hydra/launcher=<x> composes; the slurm preset is gradbench's subclass of submitit's
+    SLURM launcher with partition, time, CPU, GPU and memory fields and requeues timed-out
+    (resumable) jobs."""
     cfg = make_config(f"hydra/launcher={launcher}", return_hydra_config=True)
     target = cfg.hydra.launcher._target_
     if launcher == "slurm":
-        assert target.endswith("SlurmLauncher")
+        assert target.endswith("SlurmSweepLauncher")
         for key in ("partition", "timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb"):
             assert key in cfg.hydra.launcher
         assert cfg.hydra.launcher.max_num_timeout > 0
