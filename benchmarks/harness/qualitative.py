@@ -59,7 +59,7 @@ from __future__ import annotations
 import io
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,13 @@ from torch import Tensor
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, OneHotCategorical
 
 from benchmarks.harness.vae import VAE
-from benchmarks.records.files import atomic_write, file_sha256, read_json, write_json
+from benchmarks.records.files import (
+    atomic_write,
+    file_sha256,
+    read_json,
+    remove_stale_temp_files,
+    write_json,
+)
 
 #: Folder of a run directory holding the qualitative records, and its checksum index.
 FOLDER = "qualitative"
@@ -100,6 +106,8 @@ class Qualitative:
     test: Tensor
     labels: Tensor | None
     image_shape: tuple[int, int]
+    #: Whether this process has removed the temporary files a killed writer left in the folder.
+    cleaned: bool = field(default=False, init=False)
 
     def chosen(self) -> Tensor:
         """Indices into the test split of the ``N`` fixed digits."""
@@ -122,7 +130,11 @@ class Qualitative:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             arrays = self.arrays(model)
-        write_records(Path(run_dir) / FOLDER, step, arrays)
+        folder = Path(run_dir) / FOLDER
+        if not self.cleaned:  # a run killed while writing a record left its temporary file
+            remove_stale_temp_files(folder)
+            self.cleaned = True
+        write_records(folder, step, arrays)
         return {
             ("qualitative", "interp_jump"): float(arrays["jump"].mean()),
             ("qualitative", "interp_off_data"): float(arrays["off_data"].mean()),
