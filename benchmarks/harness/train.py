@@ -131,6 +131,8 @@ def run(
     # 2. Build data, model, optimizer, probe and batch stream (seeded).
     schedule = temperature_schedule(est_cfg)
     label = estimator_label(est_cfg, schedule)
+    if cfg.model.family == "deterministic" and not est_cfg.get("label"):
+        label = "autoencoder"  # not "reparam": it samples nothing (see harness.vae)
     try:
         parts = build(cfg, est_cfg, device, schedule, label, objective_metric)
     except Exception as err:
