@@ -87,7 +87,7 @@ def test_continuity_table_gives_each_label_its_mean_and_interval_over_seeds(
             half = stats.t.ppf(0.975, 1) * v.std(ddof=1) / math.sqrt(2)
             cell = f"{v.mean():.3f} [{v.mean() - half:.3f}, {v.mean() + half:.3f}]"
             assert cell in row, (label, metric, cell, row)
-    assert "Does the autoencoder (autoencoder) interpolate further from the data" in md
+    assert "interp_off_data of the autoencoder against reparam (log σ²): " in md
 
 
 def test_a_record_that_fails_its_checksum_is_not_drawn(latent_report: dict, tmp_path) -> None:
