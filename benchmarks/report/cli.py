@@ -117,7 +117,7 @@ def _runs_section(runs: pd.DataFrame, argv: Sequence[str], paths: Sequence[str])
         "# gradbench report\n",
         f"Built by `gradbench-report` from the records of {len(runs)} runs in "
         + ", ".join(_code(p) for p in paths)
-        + ". It reads `run.json` and metrics files only.\n",
+        + ". It reads `run.json`, metrics files and qualitative records only.\n",
         "Regenerate with:\n",
         "```bash\n" + shlex.join(["python", "-m", "benchmarks.report", *argv]) + "\n```\n",
         "## Runs\n",

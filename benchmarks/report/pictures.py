@@ -50,7 +50,7 @@ def load_record(run_dir: Path) -> tuple[int, dict[str, np.ndarray]] | None:
     for name, entry in entries:
         path = Path(run_dir) / FOLDER / name
         if path.is_file() and file_sha256(path) == entry["sha256"]:
-            with np.load(path, allow_pickle=False) as f:
+            with np.load(path) as f:  # allow_pickle defaults to False
                 return int(entry["step"]), {k: f[k] for k in f.files}
     return None
 
