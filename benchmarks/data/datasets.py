@@ -95,6 +95,9 @@ class Dataset:
         exact_log_likelihood: for ``synthetic`` only, the exact per-example ``log p(x)``
             (float64, nats) of each split under the generating model, keyed by split name;
             None otherwise.
+        labels: class labels (int64 ``[N_split]``) keyed by split name, where the data set has
+            them (``mnist_subset``, ``digits``; for the qualitative records' scatter); None
+            otherwise.
     """
 
     name: str
@@ -104,6 +107,7 @@ class Dataset:
     image_shape: tuple[int, int]
     full_size: bool
     exact_log_likelihood: dict[str, Tensor] | None = None
+    labels: dict[str, Tensor] | None = None
 
 
 def default_root() -> Path:
@@ -422,6 +426,7 @@ def _load_mnist_subset() -> Dataset:
         image_shape=(28, 28),
         full_size=False,
         exact_log_likelihood=None,
+        labels={k: torch.from_numpy(y[v]) for k, v in split.items()},
     )
 
 
@@ -445,7 +450,8 @@ def _load_digits() -> Dataset:
     """1,297 / 250 / 250 split of sklearn's 1,797 8x8 digits (grey levels 0..16)."""
     from sklearn.datasets import load_digits
 
-    x = load_digits().data.astype(np.float32) / 16.0
+    raw = load_digits()
+    x, y = raw.data.astype(np.float32) / 16.0, raw.target.astype(np.int64)
     train, val, test = _split_permutation(len(x), 250, 250, SPLIT_SEED["digits"])
     return Dataset(
         name="digits",
@@ -455,6 +461,10 @@ def _load_digits() -> Dataset:
         image_shape=(8, 8),
         full_size=False,
         exact_log_likelihood=None,
+        labels={
+            k: torch.from_numpy(y[v])
+            for k, v in zip(("train", "val", "test"), (train, val, test), strict=True)
+        },
     )
 
 

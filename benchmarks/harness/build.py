@@ -93,9 +93,12 @@ def estimator_label(est_cfg: dict[str, Any], schedule: TemperatureSchedule | Non
 
 
 def check_estimator_fits_model(estimator: estimators.EstimatorBase, cfg: DictConfig) -> str:
-    """The train metric of the estimator's objective (``elbo`` or ``iwae``), after checking
+    """The train metric of the estimator's objective (``elbo`` or ``iwae``; ``recon_ll`` for
+    the deterministic autoencoder), after checking
     that ``f`` suits it (an ``iwae`` objective needs log weights, i.e. ``model.kl=sampled``)
     and that ``compile=true`` is not asked of an estimator that needs a double backward."""
+    if cfg.model.family == "deterministic":  # the autoencoder's objective: log p(x|enc(x))
+        return "recon_ll"
     kind = getattr(estimator, "objective_kind", "mean")
     if kind == "iwae" and cfg.model.kl != "sampled":
         raise ConfigError(
@@ -151,6 +154,7 @@ def build_model(cfg: DictConfig, data: Dataset) -> VAE:
         n_categories=cfg.model.n_categories,
         hidden_dim=cfg.model.hidden_dim,
         activation=cfg.model.activation,
+        scale=cfg.model.scale,
         data_mean=data.train.mean(0) if cfg.model.init_output_bias else None,
     )
 

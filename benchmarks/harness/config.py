@@ -34,8 +34,7 @@ import estimators
 from benchmarks.data.datasets import BINARIZATIONS, DATASETS
 from benchmarks.harness.errors import ConfigError
 from benchmarks.harness.schedules import TemperatureSchedule
-from benchmarks.harness.vae import ACTIVATIONS, ARCHS, KL_MODES
-from estimators import FAMILIES
+from benchmarks.harness.vae import ACTIVATIONS, ARCHS, KL_MODES, MODEL_FAMILIES, SCALES
 
 # Optional[...] rather than "X | None": OmegaConf 2.3 reads typing.Optional only.
 # ruff: noqa: UP045
@@ -79,7 +78,8 @@ def choice(
 class ModelConfig:
     """The VAE (``benchmarks.harness.vae.VAE``); ``model=<family>`` picks the family."""
 
-    family: str = choice(MISSING, FAMILIES)  # latent family (set by conf/model/<family>.yaml)
+    # latent family (set by conf/model/<family>.yaml); deterministic: the plain autoencoder
+    family: str = choice(MISSING, MODEL_FAMILIES)
     arch: str = choice("linear", ARCHS)  # linear: one map each way; nonlinear: 2 hidden layers
     latent_dim: int = 200  # latent variables (categorical: number of variables)
     n_categories: int = 10  # categories per variable (categorical family only)
@@ -87,6 +87,8 @@ class ModelConfig:
     activation: str = choice("leaky_relu", ACTIVATIONS)  # hidden activation (nonlinear arch)
     kl: str = choice("analytic", KL_MODES)  # f: log p(x|z) - KL, or sampled log p(x,z) - log q
     init_output_bias: bool = True  # decoder output bias = logit(mean training image)
+    # Gaussian encoder scale: softplus (sigma = softplus(h) + 1e-4) | log_var (h = log sigma^2)
+    scale: str = choice("softplus", SCALES)
 
 
 @dataclass
@@ -124,6 +126,9 @@ class EvalConfig:
     batch_size: int = 500  # examples evaluated at once
     # splits to evaluate (choice returns a dataclasses.field with a default_factory)
     splits: list[str] = choice(lambda: ["val", "test"], EVAL_SPLITS)  # noqa: RUF009
+    # also write the qualitative records (reconstructions, samples, interpolations, 2-D maps)
+    # of fixed test digits at each evaluation (benchmarks.harness.qualitative)
+    qualitative: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ from benchmarks.data.datasets import BatchStream
 from benchmarks.harness import checkpoint
 from benchmarks.harness.build import config_changes
 from benchmarks.harness.lifecycle import RunLifecycle, foreign_run, steps_below
+from benchmarks.harness.qualitative import Qualitative
 from benchmarks.harness.schedules import TemperatureSchedule
 from benchmarks.harness.vae import VAE
 from benchmarks.probe.runner import GradientEMA, ProbeRunner
@@ -54,6 +55,8 @@ class Parts:
     objective_metric: str
     #: The estimator's ``num_samples`` option (None where it has none).
     num_samples: int | None
+    #: The qualitative records written at each evaluation (None unless ``eval.qualitative``).
+    qualitative: Qualitative | None = None
 
 
 class Window:

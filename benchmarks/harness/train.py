@@ -63,6 +63,7 @@ from benchmarks.harness.build import (
 )
 from benchmarks.harness.evaluate import eval_seed, evaluate
 from benchmarks.harness.lifecycle import RunLifecycle
+from benchmarks.harness.qualitative import Qualitative
 from benchmarks.harness.schedules import TemperatureSchedule
 from benchmarks.harness.state import Checkpointer, Parts, Progress, Window
 from benchmarks.harness.step import (
@@ -130,6 +131,8 @@ def run(
     # 2. Build data, model, optimizer, probe and batch stream (seeded).
     schedule = temperature_schedule(est_cfg)
     label = estimator_label(est_cfg, schedule)
+    if cfg.model.family == "deterministic" and not est_cfg.get("label"):
+        label = "autoencoder"  # not "reparam": it samples nothing (see harness.vae)
     try:
         parts = build(cfg, est_cfg, device, schedule, label, objective_metric)
     except Exception as err:
@@ -207,7 +210,18 @@ def build(
         fused=fused, stream=stream, prober=prober, grad_ema=grad_ema, eval_sets=eval_sets,
         iwae_k=cfg.eval.iwae_k or (1000 if data.full_size else 100), schedule=schedule,
         label=label, objective_metric=objective_metric, num_samples=est_cfg.get("num_samples"),
+        qualitative=build_qualitative(cfg, data, device),
     )  # fmt: skip
+
+
+def build_qualitative(cfg: DictConfig, data: Dataset, device: torch.device) -> Qualitative | None:
+    """The qualitative records of ``eval.qualitative`` (fixed test digits, binarized as
+    evaluated), or None when off."""
+    if not cfg.eval.qualitative:
+        return None
+    test = eval_binarized(data.test, cfg.data.binarization).to(device)
+    labels = data.labels["test"] if data.labels is not None else None
+    return Qualitative(test, labels, data.image_shape)
 
 
 def build_probe(cfg: DictConfig, data: Dataset, device: torch.device) -> ProbeRunner | None:
@@ -377,6 +391,9 @@ def train_steps(
         saver.snapshot(p)
     if p.step == 0 and cadence.eval:
         p.add(evaluate(model, parts.eval_sets, cfg.eval, parts.iwae_k, eval_seed(cfg.seed, 0)))
+        if parts.qualitative is not None:
+            seed = eval_seed(cfg.seed, 0) + 2
+            p.add(parts.qualitative.record(model, 0, seed, saver.life.run_dir))
     if schedule is not None:  # the schedule is a function of the step: recompute it
         schedule.apply(estimator.temperature, p.step)
     tick = time.perf_counter()
@@ -479,6 +496,8 @@ def sync_point(
         p.add(rows)
         summary = " | ".join(f"{s}/{m} {v:.3f}" for (s, m), v in rows.items())
         log.info("step %d | %s", p.step, summary)
+        if parts.qualitative is not None:  # after the evaluation, with its own seed
+            p.add(parts.qualitative.record(parts.model, p.step, seed + 2, saver.life.run_dir))
     if due.probe:
         probe(parts, p, eval_seed(cfg.seed, p.step) + 1)
     if due.snapshot:

@@ -3,7 +3,13 @@
 ``q(z|x)`` is ``Independent(Normal)`` (family ``gaussian``), ``Independent(Bernoulli)``
 (``bernoulli``) or ``Independent(OneHotCategorical)`` over ``latent_dim`` variables of
 ``n_categories`` classes (``categorical``); the priors are ``N(0, I)``, ``Bernoulli(1/2)`` and
-uniform categoricals; ``p(x|z)`` is a product of Bernoullis over pixels. Architectures:
+uniform categoricals; ``p(x|z)`` is a product of Bernoullis over pixels. Family
+``deterministic`` is the plain autoencoder of the same networks: ``q(z|x)`` is a point mass at
+the encoder's output (:class:`PointMass`), with no prior, no KL and no sampling, so the learning
+signal is the reconstruction log-likelihood ``log p(x|enc(x))`` and only ``reparam`` (whose
+pathwise gradient is then the exact gradient) trains it. Gaussian encoders give the scale by
+``model.scale``: ``softplus`` (the default, ``sigma = softplus(h) + 1e-4``) or ``log_var``
+(``h = log sigma^2``, ``sigma = exp(h / 2)``, Kingma & Welling 2014). Architectures:
 
 - ``linear``: ``x -> logits`` and ``z -> pixel logits`` are single linear maps (the "linear"
   model of REBAR, RELAX, ARM and DisARM);
@@ -39,6 +45,30 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
 }
 KL_MODES: tuple[str, ...] = ("analytic", "sampled")
+#: The model families: the latent families the estimators know, and the plain autoencoder.
+MODEL_FAMILIES: tuple[str, ...] = (*FAMILIES, "deterministic")
+#: How a Gaussian encoder's second output gives the scale (``model.scale``).
+SCALES: tuple[str, ...] = ("softplus", "log_var")
+
+
+class PointMass(Normal):
+    """The deterministic autoencoder's ``q(z|x)``: all mass at ``loc`` (a Normal of scale 0).
+
+    ``rsample`` / ``sample`` return ``loc`` itself (no noise is drawn), so the pathwise
+    gradient through a sample is the exact gradient of ``f(loc)``. A ``Normal`` so that the
+    estimators' family check accepts it for ``reparam``; its density, entropy and KL are not
+    defined, and the autoencoder never asks for them.
+    """
+
+    def __init__(self, loc: Tensor) -> None:
+        super().__init__(loc, torch.zeros_like(loc), validate_args=False)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        return self.loc.expand(self._extended_shape(torch.Size(sample_shape)))
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
 
 
 class LatentPosterior(Independent):
@@ -102,12 +132,13 @@ class VAE(nn.Module):
 
     Args:
       data_dim: pixels ``D``.
-      family: ``gaussian`` | ``bernoulli`` | ``categorical``.
+      family: ``gaussian`` | ``bernoulli`` | ``categorical`` | ``deterministic``.
       arch: ``linear`` | ``nonlinear``.
       latent_dim: latent variables ``L`` (categorical: number of variables).
       n_categories: classes ``C`` per categorical variable.
       hidden_dim: width of the hidden layers (``nonlinear``).
       activation: ``leaky_relu`` | ``tanh`` (``nonlinear``).
+      scale: ``softplus`` | ``log_var``: the Gaussian encoder's scale (see the module).
       data_mean: ``[D]`` mean training image; if given, the decoder's output bias starts at
         ``logit(clip(mean, 1e-3, 1 - 1e-3))`` (as in DisARM), so the untrained decoder already
         predicts the average image.
@@ -126,16 +157,19 @@ class VAE(nn.Module):
         hidden_dim: int = 200,
         activation: str = "leaky_relu",
         data_mean: Tensor | None = None,
+        scale: str = "softplus",
     ) -> None:
         super().__init__()
         for option, value, allowed in (
-            ("model.family", family, FAMILIES),
+            ("model.family", family, MODEL_FAMILIES),
+            ("model.scale", scale, SCALES),
             ("model.arch", arch, ARCHS),
             ("model.activation", activation, tuple(ACTIVATIONS)),
         ):
             if value not in allowed:
                 raise ValueError(f"{option}={value!r} is invalid; allowed: {', '.join(allowed)}")
         self.family = family
+        self.scale = scale
         self.latent_dim = latent_dim
         self.n_categories = n_categories if family == "categorical" else 1
         z_dim = latent_dim * self.n_categories  # flattened size of one latent sample
@@ -154,7 +188,13 @@ class VAE(nn.Module):
         """``q`` from the encoder's output ``[*B, H]``: batch ``[*B]``, event as in encode."""
         if self.family == "gaussian":
             loc, raw_scale = out.chunk(2, dim=-1)
-            base: Distribution = Normal(loc, F.softplus(raw_scale) + 1e-4, validate_args=False)
+            if self.scale == "log_var":  # raw_scale = log sigma^2
+                sigma = torch.exp(0.5 * raw_scale)
+            else:
+                sigma = F.softplus(raw_scale) + 1e-4
+            base: Distribution = Normal(loc, sigma, validate_args=False)
+        elif self.family == "deterministic":
+            base = PointMass(out)
         elif self.family == "bernoulli":
             base = Bernoulli(logits=out, validate_args=False)
         else:
@@ -163,10 +203,11 @@ class VAE(nn.Module):
         return LatentPosterior(base, 1, validate_args=False)
 
     def prior(self) -> Distribution:
-        """``p(z)``: the standard prior, batch shape ``[]``, on the model's device and dtype."""
+        """``p(z)``: the standard prior, batch shape ``[]``, on the model's device and dtype
+        (the autoencoder has none: ``N(0, I)`` is returned for it, used by nothing)."""
         like = self.decoder[-1].weight
         zeros = like.new_zeros(self.latent_dim)
-        if self.family == "gaussian":
+        if self.family in ("gaussian", "deterministic"):
             base: Distribution = Normal(zeros, torch.ones_like(zeros), validate_args=False)
         elif self.family == "bernoulli":
             base = Bernoulli(logits=zeros, validate_args=False)
@@ -219,8 +260,11 @@ class VAE(nn.Module):
         Gaussian: ``kl_divergence`` against ``N(0, I)``. Discrete: the prior is uniform over
         ``K`` values per variable (``K = 2`` for Bernoulli), so ``KL = L log K - H(q)`` with
         torch's entropy; equal to ``kl_divergence`` but without its masked index writes, which
-        cost about a tenth of a training step of the linear model.
+        cost about a tenth of a training step of the linear model. The autoencoder: zero (it
+        has no KL term).
         """
+        if self.family == "deterministic":
+            return q.mean.new_zeros(q.batch_shape)
         if self.family == "gaussian":
             return kl_divergence(q, self.prior().expand(q.batch_shape))
         k = 2 if self.family == "bernoulli" else self.n_categories
@@ -242,6 +286,11 @@ class VAE(nn.Module):
         """
         if kl not in KL_MODES:
             raise ValueError(f"model.kl={kl!r} is invalid; allowed: {', '.join(KL_MODES)}")
+        if self.family == "deterministic" and kl != "analytic":
+            raise ValueError(
+                f"model.kl={kl!r} is invalid for model.family=deterministic (a point mass has "
+                "no density); allowed: analytic"
+            )
         if kl == "analytic":
             kl_value = self.kl(q)  # [B]
 
@@ -258,6 +307,11 @@ class VAE(nn.Module):
             return self.log_likelihood(x, z) + self.log_prior(z) - q.log_prob(z)
 
         return f_sampled
+
+    @torch.no_grad()
+    def reconstruction(self, x: Tensor) -> Tensor:
+        """``log p(x|z)`` at the posterior mean ``z = E_q[z]`` (the autoencoder's code) ``[B]``."""
+        return self.log_likelihood(x, self.encode(x).mean)
 
     @torch.no_grad()
     def elbo(self, x: Tensor, num_samples: int = 1) -> Tensor:

@@ -48,6 +48,22 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def check_autoencoder(cfg: DictConfig) -> None:
+    """The plain autoencoder (``model.family=deterministic``) trains by the exact gradient of
+    ``log p(x|enc(x))``: estimator ``reparam`` on its point mass, the analytic (zero) KL and
+    no probe (nothing is sampled, so there is no gradient variance to measure)."""
+    for option, value, allowed in (
+        ("estimator", cfg.estimator.name, "reparam"),
+        ("model.kl", cfg.model.kl, "analytic"),
+        ("probe.every", cfg.probe.every, 0),
+    ):
+        if value != allowed:
+            raise ConfigError(
+                f"{option}={value!r} is invalid with model.family=deterministic (the plain "
+                f"autoencoder: no sampling, no KL); allowed: {allowed}"
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value of ``cfg`` that composition cannot; raise :class:`ConfigError`."""
     e, m, o, ev = cfg.estimator, cfg.model, cfg.optim, cfg.eval
@@ -55,7 +71,9 @@ def validate(cfg: DictConfig) -> None:
     _require(e.name in names, "estimator", e.name, ", ".join(names))
     check_choices(cfg)  # model.family, model.arch, data, device, ... (their schema fields)
     supported = estimators.families(e.name)
-    if m.family not in supported:
+    if m.family == "deterministic":
+        check_autoencoder(cfg)
+    elif m.family not in supported:
         raise ConfigError(
             f"estimator={e.name} does not support model.family={m.family}; allowed families "
             f"for {e.name}: {', '.join(sorted(supported))}; estimators supporting {m.family}: "

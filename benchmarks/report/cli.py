@@ -117,7 +117,7 @@ def _runs_section(runs: pd.DataFrame, argv: Sequence[str], paths: Sequence[str])
         "# gradbench report\n",
         f"Built by `gradbench-report` from the records of {len(runs)} runs in "
         + ", ".join(_code(p) for p in paths)
-        + ". It reads `run.json` and metrics files only.\n",
+        + ". It reads `run.json`, metrics files and qualitative records only.\n",
         "Regenerate with:\n",
         "```bash\n" + shlex.join(["python", "-m", "benchmarks.report", *argv]) + "\n```\n",
         "## Runs\n",
@@ -300,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or Path(args.paths[0]) / "report"
     from benchmarks.report.figures import all_figures, palette_json
+    from benchmarks.report.pictures import continuity_table, latent_figures
     from benchmarks.report.style import estimator_style
     from benchmarks.report.tables import all_tables
 
@@ -327,8 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures = all_figures(
         metrics, runs, throughput, style, out / "figures", args.n_boot, args.seed, overhead
     )
+    figures += latent_figures(runs, style, out / "figures")  # from the qualitative records
     write_text(out / "figures" / "palette.json", palette_json(style, figures))
     tables, _ = all_tables(metrics, runs, throughput, out / "tables", overhead)
+    tables += [t for t in [continuity_table(metrics, out / "tables")] if t is not None]
     write_text(out / "runs.csv", runs.drop(columns=["config"]).to_csv(index=False))
     report = write_report_md(out, argv, args.paths, runs, figures, tables, sweeps)
     n_bad = int((runs["status"] != "completed").sum())

@@ -92,7 +92,9 @@ def test_every_config_file_composes_and_builds(make_config, group: str, option: 
     For presets with a sweep, every job of the sweep (seeds aside) composes and builds."""
     extra = _compatible(option) if group == "estimator" else []
     if group == "model":
-        extra = [f"estimator={'reparam' if option == 'gaussian' else 'reinforce'}"]
+        extra = [
+            f"estimator={'reparam' if option in ('gaussian', 'deterministic') else 'reinforce'}"
+        ]
     cfg = make_config(f"{group}={option}", *extra, return_hydra_config=True)
     _build(cfg)
     params = cfg.hydra.sweeper.params
