@@ -62,10 +62,14 @@ def stick_breaking_disarm(dist: Distribution, f: Objective, num_samples: int) ->
     reads, reads_anti = position <= z[..., None], position <= z_anti[..., None]
     sign = 1.0 - 2.0 * b_anti  # (-1)^{b~}
     both = sign * (b != b_anti).to(a.dtype) * torch.sigmoid(a.abs())
-    g = 0.5 * df * (
-        (reads & reads_anti) * both
-        + (reads & ~reads_anti) * (b - torch.sigmoid(a))
-        - (~reads & reads_anti) * (b_anti - torch.sigmoid(a))
+    g = (
+        0.5
+        * df
+        * (
+            (reads & reads_anti) * both
+            + (reads & ~reads_anti) * (b - torch.sigmoid(a))
+            - (~reads & reads_anti) * (b_anti - torch.sigmoid(a))
+        )
     )  # [S, *B, *K, C - 1]
     linear = (g.mean(0) * (alpha - a)).sum(tuple(range(-n_event, 0)))  # value 0, gradient g
     surrogate = (0.5 * (f_b + f_anti)).mean(0) + linear

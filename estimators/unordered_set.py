@@ -30,9 +30,9 @@ from estimators.relaxed import perturb
 
 #: Points of the grid on which the set probabilities' integrals are evaluated (trapezoid in
 #: ``v = log(-log u)``, where the integrand is smooth and decays double-exponentially).
-GRID_POINTS = 500
+GRID_POINTS = 256
 #: Examples per chunk of :func:`set_log_ratios` are capped so that the leave-two-out
-#: integrands ``[chunk, k, k, GRID_POINTS]`` hold at most this many float64 numbers.
+#: integrands (``[chunk, k, k, GRID_POINTS]`` at most) hold at most this many float64 numbers.
 MAX_GRID_ELEMENTS = 2**22
 
 
@@ -83,7 +83,8 @@ def stochastic_beam_search(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
         gumbel, index = child.reshape(b, -1).topk(width, -1)  # [B', w']
         parent, cls = torch.div(index, c, rounding_mode="floor"), index % c
         log_p = child_log_p.reshape(b, -1).gather(1, index)
-        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, v)), cls[..., None]], -1)
+        kept = codes.gather(1, parent[..., None].expand(-1, -1, v))  # the parents' classes
+        codes = torch.cat([kept, cls[..., None]], -1)
     return codes, log_p
 
 
@@ -123,10 +124,14 @@ def _log_ratios(lp: Tensor) -> tuple[Tensor, Tensor]:
     log_h = torch.log((high - low) / (GRID_POINTS - 1))  # [B', 1]
     i_all = torch.logsumexp(total, -1, keepdim=True) + log_h  # [B', 1]
     i_one = torch.logsumexp(total[:, None] - terms, -1) + log_h  # [B', k]
-    two = total[:, None, None] - terms[:, :, None] - terms[:, None, :]
-    i_two = torch.logsumexp(two, -1) + log_h[..., None]  # [B', k, k]
-    log_r2 = (i_two - i_one[..., None]) * (1 - torch.eye(k, dtype=lp.dtype, device=lp.device))
-    return i_one - i_all, log_r2
+    first, second = torch.triu_indices(k, k, 1, device=lp.device)  # the pairs s < s'
+    two = total[:, None] - terms[:, first] - terms[:, second]  # [B', k (k - 1) / 2, G]
+    i_pair = torch.logsumexp(two, -1) + log_h  # I(S \ {s, s'}), symmetric
+    i_two = lp.new_zeros(lp.shape[0], k, k)
+    i_two[:, first, second] = i_pair
+    i_two[:, second, first] = i_pair
+    off_diagonal = 1 - torch.eye(k, dtype=lp.dtype, device=lp.device)
+    return i_one - i_all, (i_two - i_one[..., None]) * off_diagonal
 
 
 @register("unordered_set")
