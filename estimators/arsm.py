@@ -37,9 +37,22 @@ def swap_tables(c: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return perm, pair
 
 
-def distinct_rows(codes: Tensor, given: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per example, the distinct rows of ``codes [N, B, K]`` (integer class codes) that are
-    not among the ``given`` rows (a boolean mask ``[N]`` of rows whose ``f`` is known).
+def row_keys(codes: Tensor, base: int) -> Tensor:
+    """Integer keys ``[N, B, W]`` of class codes ``[N, B, K]`` in ``0..base-1``: the digits
+    packed most significant first into ``W`` int64 words, so equal keys are equal rows and
+    lexicographic order of keys is that of rows."""
+    per_word = max(1, int(62 * math.log(2) / math.log(base)))  # base^per_word < 2^62
+    k = codes.shape[-1]
+    pad = -k % per_word
+    digits = F.pad(codes, (pad, 0)).reshape(*codes.shape[:-1], -1, per_word)
+    powers = base ** torch.arange(per_word - 1, -1, -1, device=codes.device)
+    return (digits * powers).sum(-1)
+
+
+def distinct_rows(codes: Tensor, given: Tensor, base: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per example, the distinct rows of ``codes [N, B, K]`` (class codes in ``0..base-1``)
+    that are not among the ``given`` rows (a boolean mask ``[N]`` of rows whose ``f`` is
+    known).
 
     Returns ``(todo [U, B, K], slot [N, B], known [N, B])``: ``todo[u, b]`` is the ``u``-th
     distinct unknown row of example ``b`` (padded with that example's first row where it has
@@ -47,27 +60,40 @@ def distinct_rows(codes: Tensor, given: Tensor) -> tuple[Tensor, Tensor, Tensor]
     ``known[n, b]`` is False, and equals a given row otherwise (``slot`` then indexes
     ``given``'s rows: the first given row with the same codes).
     """
-    n, b, k = codes.shape
-    example = torch.arange(b, device=codes.device).expand(n, b)
-    rows = torch.cat([example[..., None], codes], -1).reshape(n * b, k + 1)
-    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)  # sorted by example first
-    inverse = inverse.reshape(n, b)
+    n, b, _ = codes.shape
+    device = codes.device
+    example = torch.arange(b, device=device).expand(n, b)
+    keys = torch.cat([example[..., None], row_keys(codes, base)], -1).reshape(n * b, -1)
+    # Lexicographic sort by stable sorts from the last key column to the first (cheap: W + 1
+    # sorts of N B integers), then a new group wherever a key differs from the previous one.
+    order = torch.arange(n * b, device=device)
+    for col in range(keys.shape[1] - 1, -1, -1):
+        order = order[torch.argsort(keys[order, col], stable=True)]
+    ordered = keys[order]
+    new = torch.ones(n * b, dtype=torch.bool, device=device)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.cumsum(new, 0) - 1
+    inverse = inverse.reshape(n, b)  # row -> its distinct row (sorted by example first)
+    first = order[new]  # one row of each distinct row
+    owner_all = first % b
     # A distinct row is known when a given row maps to it; remember which given row (first).
-    given_rows = torch.nonzero(given).squeeze(-1)  # [G]
     none = n * b  # above every row index: "no given row"
-    source = torch.full((uniq.shape[0],), none, dtype=torch.long, device=codes.device)
+    source = torch.full((first.numel(),), none, dtype=torch.long, device=device)
+    given_rows = torch.nonzero(given).squeeze(-1)  # [G]
     given_ids = given_rows[:, None].expand(-1, b)
     source.scatter_reduce_(0, inverse[given_rows].flatten(), given_ids.flatten(), "amin")
     is_known = source < none
     todo_ids = torch.nonzero(~is_known).squeeze(-1)  # [T], sorted by example
-    owner = uniq[todo_ids, 0]
+    owner = owner_all[todo_ids]
     counts = torch.bincount(owner, minlength=b)
     start = torch.cumsum(counts, 0) - counts
     rank = torch.full_like(source, -1)
-    rank[todo_ids] = torch.arange(todo_ids.numel(), device=codes.device) - start[owner]
+    rank[todo_ids] = torch.arange(todo_ids.numel(), device=device) - start[owner]
     width = int(counts.max()) if todo_ids.numel() else 0
-    todo = codes[0].expand(width, b, k).clone()
-    todo[rank[todo_ids], owner] = uniq[todo_ids, 1:]
+    todo = codes[0].expand(width, b, codes.shape[-1]).clone()
+    flat = codes.reshape(n * b, -1)
+    todo[rank[todo_ids], owner] = flat[first[todo_ids]]
     known = is_known[inverse]
     slot = torch.where(known, source[inverse], rank[inverse])
     return todo, slot, known
@@ -130,7 +156,7 @@ class ARSM(EstimatorBase):
         codes = actions.permute(0, 3, 1, 2).reshape(s * p, b, -1)  # [S P, B', K']
         given = torch.zeros(s * p, dtype=torch.bool, device=theta.device)
         given[::p] = True  # row 0 of each draw: the identity swap, the true sample
-        todo, slot, known = distinct_rows(codes, given)
+        todo, slot, known = distinct_rows(codes, given, c)
 
         def one_hot(x: Tensor) -> Tensor:  # [N, B', K'] -> [N, *B, *E]
             return F.one_hot(x, c).to(theta.dtype).reshape(x.shape[0], *batch, *event)
