@@ -18,6 +18,7 @@ for run in sorted(pathlib.Path(sys.argv[1]).glob("*/run.json")):
     info = json.loads(run.read_text())
     m = pd.read_parquet(run.parent / "metrics.parquet")
     m = m[(m.split == "probe") & (m.param == "all")]
+    m = m[~m.probe_estimator.str.startswith("reference")]
     m = m[m.step == m.step.max()]
     wide = m.pivot_table(index="probe_estimator", columns="metric", values="value")
     wide["trajectory"] = info["config"]["estimator"]["name"]
