@@ -3,7 +3,7 @@ basket estimator, on each run's own parameters at its last probe, with 95% inter
 (jackknife SE), and each estimator's ratio to reinforce and to rloo (delta-method interval,
 the two estimates treated as independent). Reads run records only.
 
-    python results/reference/categorical_compare/equal_cost.py results/reference/categorical_compare/sweep
+    cd results/reference/categorical_compare && python equal_cost.py sweep
 """
 
 import json
@@ -36,9 +36,14 @@ for traj, g in df.groupby("trajectory", sort=False):
             (g["grad_var_per_feval_se"] / g["grad_var_per_feval"]) ** 2
             + (ref_row["grad_var_per_feval_se"] / ref_row["grad_var_per_feval"]) ** 2
         )
-        g[f"ratio_to_{ref.split()[0]}"] = r.map("{:.3g}".format) + " [" + (
-            r * np.exp(-1.96 * rel)
-        ).map("{:.3g}".format) + ", " + (r * np.exp(1.96 * rel)).map("{:.3g}".format) + "]"
+        g[f"ratio_to_{ref.split()[0]}"] = (
+            r.map("{:.3g}".format)
+            + " ["
+            + (r * np.exp(-1.96 * rel)).map("{:.3g}".format)
+            + ", "
+            + (r * np.exp(1.96 * rel)).map("{:.3g}".format)
+            + "]"
+        )
     g["var_per_feval_95"] = (
         g["grad_var_per_feval"].map("{:.3g}".format)
         + " +- "
