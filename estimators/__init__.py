@@ -11,12 +11,15 @@
 # Importing the estimator modules registers them.
 from estimators import (
     antithetic,
+    arsm,
     control_variate,
     exact,
     learned_baselines,
     relaxed,
     reparam,
     score_function,
+    stick_breaking,
+    unordered_set,
 )
 from estimators.base import (
     FAMILIES,
@@ -33,6 +36,7 @@ __all__ = [
     "Estimator",
     "EstimatorBase",
     "antithetic",
+    "arsm",
     "available",
     "control_variate",
     "exact",
@@ -45,5 +49,7 @@ __all__ = [
     "relaxed",
     "reparam",
     "score_function",
+    "stick_breaking",
     "supporting",
+    "unordered_set",
 ]

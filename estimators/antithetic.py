@@ -1,4 +1,5 @@
-"""Antithetic estimators for Bernoulli latents: ARM and DisARM.
+"""Antithetic estimators for Bernoulli latents: ARM and DisARM (DisARM also for categorical
+latents, by stick-breaking: :mod:`estimators.stick_breaking`).
 
 Both draw ``u ~ U(0, 1)^D`` and evaluate ``f`` at the antithetic pair
 ``b = 1[u < sigma(theta)]`` and ``b~ = 1[u > sigma(-theta)]`` (``= 1[1 - u < sigma(theta)]``),
@@ -14,6 +15,7 @@ from torch.distributions import Distribution
 
 from estimators.base import Estimate, EstimatorBase, Objective, base_of, reinterpreted_ndims
 from estimators.registry import register
+from estimators.stick_breaking import stick_breaking_disarm
 
 
 class _AntitheticPair(EstimatorBase):
@@ -101,9 +103,14 @@ class DisARM(_AntitheticPair):
     with the same antithetic pair as :class:`ARM`, plus
     :math:`\frac1{2S}\sum_s(\nabla f(b_s) + \nabla f(\tilde b_s))` for ``f``'s own parameters.
 
-    Requirements: bernoulli family (logits ``theta``); ``f`` need not be differentiable in
-    ``z``. Unbiased, with variance never above ARM's. At ``theta = 0`` and
-    ``f(b) = (b - t)^2`` every estimate equals the true gradient ``(1 - 2t) / 4``.
+    Categorical latents (Dong, Mnih & Tucker 2021): each variable is a chain of ``C - 1``
+    stick-breaking bits (logits ``alpha``), antithetic bits give two coupled samples, and the
+    weight above applies to the bits both chains read (:mod:`estimators.stick_breaking`).
+
+    Requirements: bernoulli family (logits ``theta``) or categorical; ``f`` need not be
+    differentiable in ``z``. Unbiased, with variance never above ARM's (Bernoulli). At
+    ``theta = 0`` and ``f(b) = (b - t)^2`` every estimate equals the true gradient
+    ``(1 - 2t) / 4``.
 
     Args:
       num_samples: default number of antithetic pairs ``S`` (>= 1).
@@ -115,10 +122,24 @@ class DisARM(_AntitheticPair):
       >>> out = estimators.get("disarm", num_samples=2)(Bernoulli(logits=theta), f)
 
     References: Dong, Mnih & Tucker (2020), "DisARM: An antithetic gradient estimator for
-    binary latent variables".
+    binary latent variables"; Dong, Mnih & Tucker (2021), "Coupled gradient estimators for
+    discrete latent variables" (categorical, stick-breaking).
     """
 
     name = "disarm"
+    families = frozenset({"bernoulli", "categorical"})
+
+    def estimate(
+        self,
+        dist: Distribution,
+        f: Objective,
+        num_samples: int,
+        family: str,
+        context: Tensor | None,
+    ) -> Estimate:
+        if family == "categorical":
+            return stick_breaking_disarm(dist, f, num_samples)
+        return super().estimate(dist, f, num_samples, family, context)
 
     def logit_gradient(
         self, u: Tensor, b: Tensor, b_anti: Tensor, df: Tensor, logits: Tensor

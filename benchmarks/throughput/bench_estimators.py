@@ -2,7 +2,8 @@
 
 Problem: a batch of 100 binarized 784-pixel examples, a linear Bernoulli decoder as f
 (f(z) = log p(x | z) = -BCE(z W + c, x) summed over pixels), and latents of 200 Bernoulli units
-(categorical 20 x 10 for gumbel_softmax, Gaussian 200 for reparam), with S in {1, 8}
+(categorical 20 x 10 for gumbel_softmax, arsm, disarm and unordered_set, Gaussian 200 for
+reparam), with S in {1, 8}
 (rloo uses S = 2 in place of 1). The estimator's distribution parameters are leaves, so the
 timing is the estimator's own cost plus f and its backward.
 
@@ -44,6 +45,9 @@ CONFIGS = [
     ("gumbel_softmax", {"temperature": 0.5}, "categorical"),
     ("gumbel_softmax", {"temperature": 0.5, "straight_through": True}, "categorical"),
     ("gumbel_softmax", {"temperature": 0.5}, "bernoulli"),
+    ("arsm", {}, "categorical"),
+    ("disarm", {}, "categorical"),
+    ("unordered_set", {}, "categorical"),
 ]
 
 
