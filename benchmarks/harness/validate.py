@@ -82,7 +82,7 @@ def validate(cfg: DictConfig) -> None:
     _require(ok, "threads", cfg.threads, "null or an integer >= 1")
     _require(ev.every >= 0, "eval.every", ev.every, "an integer >= 0 (0: never)")
     ie = ev.iwae_every
-    ok = ie == 0 or (ie > 0 and ev.every > 0 and ie % ev.every == 0)
+    ok = ie == 0 or (ie > 0 and (ev.every == 0 or ie % ev.every == 0))  # every=0: no evaluation
     allowed = f"0 (every evaluation) or a multiple of eval.every={ev.every}"
     _require(ok, "eval.iwae_every", ev.iwae_every, allowed)
     ok = ev.iwae_k is None or ev.iwae_k >= 1

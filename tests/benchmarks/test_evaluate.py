@@ -87,3 +87,4 @@ def test_iwae_every_thins_the_iwae_rows_only(make_config, tmp_path: Path) -> Non
 
     with pytest.raises(ConfigError, match=r"eval\.iwae_every"):
         validate(make_config("experiment=debug", "eval.every=5", "eval.iwae_every=7"))
+    validate(make_config("experiment=quick", "eval.every=0"))  # no evaluation: nothing to thin
