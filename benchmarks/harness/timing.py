@@ -7,8 +7,8 @@ evaluation and snapshot done before that step (counted under ``eval`` and ``chec
 job starts when its process starts (read from ``/proc``, so the interpreter's own start and
 every import count), or, for a later job of a reused worker process (the joblib launcher runs
 many jobs in one process), when the process's previous job ended (:func:`job_started`). The
-phases add up across the attempts of a resumed run; the time of an attempt after its last
-checkpoint is lost with it.
+phases add up across the attempts of a resumed run; the time of an attempt after the state of
+its last checkpoint was taken (that checkpoint's own write included) is lost with it.
 """
 
 from __future__ import annotations

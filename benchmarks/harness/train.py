@@ -500,7 +500,8 @@ def sync_point(
         with p.timing.phase("checkpoint"):
             saver.snapshot(p)
     if due.checkpoint or due.stop:
-        p.add(p.timing.rows(p.train_time))  # this checkpoint's own write is in the next ones
+        if due.checkpoint:  # not at a stop: a resumed run has the rows of an uninterrupted one
+            p.add(p.timing.rows(p.train_time))  # this checkpoint's own write is in the next
         with p.timing.phase("checkpoint"):
             saver.save(p)
 
