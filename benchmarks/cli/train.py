@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.harness import supervise
+from benchmarks.harness import supervise, timing
 from benchmarks.harness.config import renamed_override
 from benchmarks.harness.train import run
 from benchmarks.records.files import atomic_write_bytes
@@ -77,6 +77,7 @@ def app(cfg: DictConfig) -> str:
     after its checkpoint, when the signal's previous handler let the process go on) exits 1.
     ``.hydra/`` is written only once the run has claimed its directory (see :func:`run`).
     """
+    timing.job_started()  # before the fork of a supervised child: its start-up counts from here
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
@@ -102,6 +103,7 @@ def app(cfg: DictConfig) -> str:
         status = ""
         raise
     finally:
+        timing.job_ended()
         if multirun and status:
             supervise.record_job_outcome(Path(hc.sweep.dir), run_dir, status, reason)
     if status not in ("completed", "diverged") and not multirun:  # e.g. stopped by a signal

@@ -211,9 +211,10 @@ class RunLifecycle:
 
     # -------------------------------------------------------------------------- while training
 
-    def checkpointed(self, step: int) -> None:
-        """The checkpoint of ``step`` is written (after the metrics it belongs to)."""
-        self.record.update(last_step=step)
+    def checkpointed(self, step: int, timing: dict[str, float] | None = None) -> None:
+        """The checkpoint of ``step`` is written (after the metrics it belongs to); ``timing``:
+        the seconds per phase so far (:meth:`.timing.Timings.record`)."""
+        self.record.update(last_step=step, **({"timing": timing} if timing else {}))
 
     # -------------------------------------------------------------------------- outcomes
 
@@ -248,13 +249,15 @@ class RunLifecycle:
         log.warning(reason)
         return status
 
-    def completed(self, step: int) -> str:
-        """``completed`` after ``step``, with the SHA-256 of the final metrics file."""
+    def completed(self, step: int, timing: dict[str, float] | None = None) -> str:
+        """``completed`` after ``step``, with the SHA-256 of the final metrics file and the
+        seconds per phase (``timing``)."""
         self.record.update(
             status="completed",
             last_step=step,
             end_time=now_iso(),
             metrics_sha256=file_sha256(self.run_dir / METRICS),
+            **({"timing": timing} if timing else {}),
         )
         return "completed"
 

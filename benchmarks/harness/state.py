@@ -10,7 +10,7 @@ atomically; a kill between any two writes leaves files that resume to the same r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from benchmarks.harness.build import config_changes
 from benchmarks.harness.lifecycle import RunLifecycle, foreign_run, steps_below
 from benchmarks.harness.qualitative import Qualitative
 from benchmarks.harness.schedules import TemperatureSchedule
+from benchmarks.harness.timing import Timings
 from benchmarks.harness.vae import VAE
 from benchmarks.probe.runner import GradientEMA, ProbeRunner
 from benchmarks.records.runs import METRICS, MetricsLog
@@ -105,13 +106,15 @@ class Window:
 class Progress:
     """Where training stands: steps taken, objective evaluations ``f_evals`` (summed over the
     batch's samples, per example), seconds of training (``train_time``: evaluation and
-    checkpointing excluded), the metric rows so far and the current logging window."""
+    checkpointing excluded), the metric rows so far, the current logging window, and the
+    seconds spent in every other phase (``timing``)."""
 
     metrics: MetricsLog
     window: Window
     step: int = 0
     f_evals: int = 0
     train_time: float = 0.0
+    timing: Timings = field(default_factory=Timings)
 
     def add(
         self, rows: dict[tuple[str, str], float], probe_estimator: str = "", param: str = ""
@@ -171,9 +174,9 @@ class Checkpointer:
             "window": p.window.state_dict(), "rng": checkpoint.rng_state(parts.device),
             "grad_ema": parts.grad_ema.state_dict() if parts.grad_ema is not None else {},
             "metrics": p.metrics.state_dict(), "config": self.life.config,
-            "run_id": p.metrics.identity["run_id"],
+            "run_id": p.metrics.identity["run_id"], "timing": p.timing.state_dict(),
         }, keep_previous=True)  # fmt: skip
-        self.life.checkpointed(p.step)
+        self.life.checkpointed(p.step, p.timing.record(p.train_time))
 
     def snapshot(self, p: Progress) -> None:
         """The model at ``p.step``, for probing the trajectory later (gradbench-probe)."""
@@ -200,6 +203,7 @@ class Checkpointer:
             parts.grad_ema.load_state_dict(state["grad_ema"])
         checkpoint.set_rng_state(state["rng"], parts.device)
         p.step, p.f_evals, p.train_time = state["step"], state["f_evals"], state["train_time"]
+        p.timing.load_state_dict(state.get("timing", {}))
         if "metrics" in state:  # the rows up to the checkpoint, whatever the file holds
             p.metrics.load_state_dict(state["metrics"])
         else:

@@ -307,7 +307,7 @@ def _supervise(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
-    _warm_up()
+    _warm_up(str(cfg.get("data", {}).get("name", "")))
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if main else {}
     read_end, write_end = os.pipe()
@@ -360,13 +360,19 @@ def _not_requeued(run_dir: Path, status: str, reason: str | None, err: Exception
 _warmed = False
 
 
-def _warm_up() -> None:
+def _warm_up(dataset: str = "") -> None:
     """Do once, in the supervisor, the lazy imports every run triggers (``torch.optim``
     imports ``torch._dynamo``: about 3 s here; pyarrow for the metrics file), so that forked
     children inherit them instead of repeating them; and create tqdm's multiprocessing lock
     here, where it is released at exit (a child leaves with ``os._exit``). No tensor work
-    happens here: a child forked after its parent ran OpenMP threads can deadlock."""
+    happens here: a child forked after its parent ran OpenMP threads can deadlock. A built-in
+    ``dataset`` is parsed here once per process (numpy only), not in every child."""
     global _warmed
+    if dataset:
+        from benchmarks.data.datasets import prefetch
+
+        with contextlib.suppress(Exception):  # a problem shows in the child, with its message
+            prefetch(dataset)
     if _warmed:
         return
     import pyarrow.parquet  # noqa: F401

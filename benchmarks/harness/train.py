@@ -72,6 +72,7 @@ from benchmarks.harness.step import (
     estimate_loss,
     optimizer_step,
 )
+from benchmarks.harness.timing import job_start
 from benchmarks.harness.validate import ConfigError, validate
 from benchmarks.probe.runner import (
     GradientEMA,
@@ -353,10 +354,11 @@ def train(
         status = life.stopped(*stop.outcome(progress.step), progress.step)
         stop.honour()  # submitit requeues; a default disposition ends the process
         return status
-    status = life.completed(progress.step)
+    status = life.completed(progress.step, progress.timing.record(progress.train_time))
     log.info(
-        "completed %d steps in %.1f s of training; records in %s",
+        "completed %d steps in %.1f s of training; records in %s; seconds per phase: %s",
         progress.step, progress.train_time, life.run_dir,
+        progress.timing.record(progress.train_time),
     )  # fmt: skip
     return status
 
@@ -387,15 +389,19 @@ def train_steps(
     loss_fn = compiled_estimate_loss() if cfg.compile else estimate_loss
     inputs = backward_inputs(optimizer, estimator)
     cadence = Cadence.of(cfg)
+    before = p.timing.eval + p.timing.checkpoint
     if p.step == 0 and cadence.snapshot:
-        saver.snapshot(p)
+        with p.timing.phase("checkpoint"):
+            saver.snapshot(p)
     if p.step == 0 and cadence.eval:
-        p.add(evaluate(model, parts.eval_sets, cfg.eval, parts.iwae_k, eval_seed(cfg.seed, 0)))
-        if parts.qualitative is not None:
-            seed = eval_seed(cfg.seed, 0) + 2
-            p.add(parts.qualitative.record(model, 0, seed, saver.life.run_dir))
+        with p.timing.phase("eval"):
+            p.add(evaluate(model, parts.eval_sets, cfg.eval, parts.iwae_k, eval_seed(cfg.seed, 0)))
+            if parts.qualitative is not None:
+                seed = eval_seed(cfg.seed, 0) + 2
+                p.add(parts.qualitative.record(model, 0, seed, saver.life.run_dir))
     if schedule is not None:  # the schedule is a function of the step: recompute it
         schedule.apply(estimator.temperature, p.step)
+    p.timing.started_training(job_start(), p.timing.eval + p.timing.checkpoint - before)
     tick = time.perf_counter()
     while p.step < steps:
         if schedule is not None and p.step % schedule.every == 0:
@@ -434,6 +440,7 @@ class Due(NamedTuple):
 
     log: bool
     eval: bool
+    iwae: bool  # the evaluation includes the IWAE bound
     probe: bool
     snapshot: bool
     checkpoint: bool
@@ -448,6 +455,7 @@ class Cadence:
     steps: int
     log: int
     eval: int
+    iwae: int
     probe: int
     snapshot: int
     checkpoint: int
@@ -456,7 +464,8 @@ class Cadence:
     def of(cls, cfg: DictConfig) -> Cadence:
         """The cadence of ``cfg`` (read once: DictConfig lookups are slow)."""
         return cls(
-            steps=cfg.steps, log=cfg.log_every, eval=cfg.eval.every, probe=cfg.probe.every,
+            steps=cfg.steps, log=cfg.log_every, eval=cfg.eval.every,
+            iwae=cfg.eval.iwae_every or cfg.eval.every, probe=cfg.probe.every,
             snapshot=cfg.snapshot_every, checkpoint=cfg.checkpoint_every,
         )  # fmt: skip
 
@@ -464,9 +473,11 @@ class Cadence:
         """What happens after ``step`` (``stop``: a stop signal arrived); None when nothing
         does (no sync with the device)."""
         last = step == self.steps
+        evaluate = self.eval > 0 and (step % self.eval == 0 or last)
         due = Due(
             log=step % self.log == 0 or last,
-            eval=self.eval > 0 and (step % self.eval == 0 or last),
+            eval=evaluate,
+            iwae=evaluate and (step % self.iwae == 0 or last),
             probe=self.probe > 0 and (step % self.probe == 0 or last),
             snapshot=self.snapshot > 0 and (step % self.snapshot == 0 or last),
             checkpoint=last or (self.checkpoint > 0 and step % self.checkpoint == 0),
@@ -491,19 +502,31 @@ def sync_point(
             rows[("throughput", "steps_per_s")],
         )  # fmt: skip
     if due.eval:
-        seed = eval_seed(cfg.seed, p.step)
-        rows = evaluate(parts.model, parts.eval_sets, cfg.eval, parts.iwae_k, seed)
+        seed = eval_seed(cfg.seed, 0)  # the same evaluation noise at every step
+        with p.timing.phase("eval"):
+            rows = evaluate(
+                parts.model, parts.eval_sets, cfg.eval, parts.iwae_k, seed, iwae=due.iwae
+            )
         p.add(rows)
         summary = " | ".join(f"{s}/{m} {v:.3f}" for (s, m), v in rows.items())
         log.info("step %d | %s", p.step, summary)
-        if parts.qualitative is not None:  # after the evaluation, with its own seed
-            p.add(parts.qualitative.record(parts.model, p.step, seed + 2, saver.life.run_dir))
+        if parts.qualitative is not None:  # after the evaluation, with its own fixed seed
+            with p.timing.phase("eval"):
+                record = parts.qualitative.record(
+                    parts.model, p.step, seed + 2, saver.life.run_dir
+                )
+            p.add(record)
     if due.probe:
-        probe(parts, p, eval_seed(cfg.seed, p.step) + 1)
+        with p.timing.phase("probe"):
+            probe(parts, p, eval_seed(cfg.seed, p.step) + 1)
     if due.snapshot:
-        saver.snapshot(p)
+        with p.timing.phase("checkpoint"):
+            saver.snapshot(p)
     if due.checkpoint or due.stop:
-        saver.save(p)
+        if due.checkpoint:  # not at a stop: a resumed run has the rows of an uninterrupted one
+            p.add(p.timing.rows(p.train_time))  # this checkpoint's own write is in the next
+        with p.timing.phase("checkpoint"):
+            saver.save(p)
 
 
 def train_rows(parts: Parts, p: Progress, batch_size: int) -> dict[tuple[str, str], float]:

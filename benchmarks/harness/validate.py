@@ -99,6 +99,10 @@ def validate(cfg: DictConfig) -> None:
     ok = cfg.threads is None or cfg.threads >= 1
     _require(ok, "threads", cfg.threads, "null or an integer >= 1")
     _require(ev.every >= 0, "eval.every", ev.every, "an integer >= 0 (0: never)")
+    ie = ev.iwae_every
+    ok = ie == 0 or (ie > 0 and (ev.every == 0 or ie % ev.every == 0))  # every=0: no evaluation
+    allowed = f"0 (every evaluation) or a multiple of eval.every={ev.every}"
+    _require(ok, "eval.iwae_every", ev.iwae_every, allowed)
     ok = ev.iwae_k is None or ev.iwae_k >= 1
     _require(ok, "eval.iwae_k", ev.iwae_k, "null (100 or 1000 by data size) or an integer >= 1")
     _require(ev.num_samples >= 1, "eval.num_samples", ev.num_samples, "an integer >= 1")

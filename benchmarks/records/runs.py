@@ -18,11 +18,12 @@ import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.records.files import atomic_write_bytes, quarantine, read_json, write_json
+
+if TYPE_CHECKING:  # pandas is imported where a table is built: not on a run's way to step 1
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,17 @@ STATUSES: tuple[str, ...] = ("running", "completed", "diverged", "failed", "time
 
 RUN_JSON = "run.json"
 METRICS = "metrics.parquet"
+#: Rows that measure time, the only rows (with ``wall_time`` and ``run_id``) in which two runs
+#: of one config differ: every row of these splits, and these ``(split, metric)`` pairs.
+TIMING_SPLITS: tuple[str, ...] = ("throughput", "time")
+TIMING_METRICS: tuple[tuple[str, str], ...] = (("probe", "seconds"),)
+
+
+def timing_rows(df: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the timing rows (:data:`TIMING_SPLITS`, :data:`TIMING_METRICS`) of a
+    metrics frame."""
+    pairs = [f"{s}/{m}" for s, m in TIMING_METRICS]
+    return df["split"].isin(TIMING_SPLITS) | (df["split"] + "/" + df["metric"]).isin(pairs)
 
 
 def new_run_id() -> str:
@@ -142,6 +154,8 @@ class MetricsLog:
 
     def frame(self) -> pd.DataFrame:
         """All rows as a DataFrame with the columns :data:`COLUMNS`."""
+        import pandas as pd
+
         body = pd.DataFrame(self.rows, columns=list(_ROW_COLUMNS))
         df = pd.DataFrame({k: pd.Series([v] * len(body), dtype=object) for k, v in
                            self.identity.items()})  # fmt: skip
@@ -160,6 +174,8 @@ class MetricsLog:
 
     def load(self, path: Path) -> None:
         """Replace the rows by those of ``path`` (a file this class wrote)."""
+        import pandas as pd
+
         df = pd.read_parquet(path)
         for col in ("probe_estimator", "param"):  # files written before these columns
             if col not in df:

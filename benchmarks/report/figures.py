@@ -40,6 +40,9 @@ from benchmarks.report.style import (
     SINGLE_COLUMN_IN,
     EstimatorStyle,
 )
+from benchmarks.report.time_figure import CAPTION as TIME_CAPTION
+from benchmarks.report.time_figure import NAME as TIME_NAME
+from benchmarks.report.time_figure import time_breakdown_figure
 
 PANEL_HEIGHT_IN = 1.7
 MAX_POINTS = 200  # curves are thinned/interpolated to at most this many x values
@@ -238,7 +241,7 @@ def palette_json(style: EstimatorStyle, figures: Sequence[FigureResult]) -> str:
         "figures": {
             f.name: {lb: mpl.colors.to_hex(c) for lb, c in sorted(f.colors.items())}
             for f in figures
-            if not f.skipped
+            if not f.skipped and f.colors  # figures coloured by estimator
         },
     }
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -789,6 +792,9 @@ def all_figures(
     results.append(basket_figure(done, style, out_dir, n_boot, seed))
     results.append(temperature_ablation(df, runs, style, out_dir, n_boot, seed))
     results.append(steps_per_s_figure(df, style, out_dir, n_boot, seed))
+    time_result = FigureResult(TIME_NAME, TIME_CAPTION)
+    time_result.files, time_result.skipped = time_breakdown_figure(df, out_dir, _save)
+    results.append(time_result)
     results.append(benchmark_figure(throughput, style, out_dir))
     results.append(overhead_figure(overhead, style, out_dir))
     return results

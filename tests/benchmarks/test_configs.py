@@ -194,6 +194,21 @@ def test_quick_preset_sweeps_the_six_configurations_over_three_seeds(make_config
     }
 
 
+def test_quick_preset_draws_every_curve_with_at_least_eight_points(make_config) -> None:
+    """Every quick job evaluates its ELBO (step 0 included) and probes (variance, SNR, bias)
+    at >= 8 steps, and computes the IWAE bound at least at the first and last step."""
+    from benchmarks.harness.train import Cadence
+
+    cfg = make_config("experiment=quick", "pairing=bernoulli_rloo")
+    cadence = Cadence.of(cfg)
+    due = [cadence.due(step, False) for step in range(1, cfg.steps + 1)]
+    elbo = 1 + sum(d is not None and d.eval for d in due)  # step 0 is evaluated before training
+    probes = sum(d is not None and d.probe for d in due)
+    assert elbo >= 8 and probes >= 8, (elbo, probes)
+    iwae = 1 + sum(d is not None and d.iwae for d in due)
+    assert iwae >= 2 and due[-1].iwae
+
+
 def test_paper_presets_follow_their_protocols(make_config) -> None:
     """discrete_vae: 200 Bernoulli latents, dynamic binarization, Adam 1e-4, batch 50, 1M steps,
     IWAE k=100, linear and nonlinear; categorical_vae: 20x10 categorical, tau0=1, r in

@@ -2,11 +2,12 @@
 the committed metrics (``tests/benchmarks/golden/records.csv``).
 
 The file pins what the harness computes, so moving code around (the restructuring) cannot
-change a result unnoticed. Timing rows (``wall_time``, the throughput split,
-``probe/seconds``) are excluded; values must agree to a relative 1e-6 (float reassociation
-aside, a move changes nothing), the probe's ill-conditioned rows (jackknife SEs, debiased
-squared bias) to a relative 1e-4. Regenerate only when a result is *meant* to change, and say why
-in the commit: ``python -m pytest tests/benchmarks/test_golden_records.py --regen-golden``.
+change a result unnoticed. Timing rows (``wall_time``; the throughput and time splits and
+``probe/seconds``: ``benchmarks.records.runs.timing_rows``) are excluded; values must agree to
+a relative 1e-6 (float reassociation aside, a move changes nothing), the probe's
+ill-conditioned rows (jackknife SEs, debiased squared bias) to a relative 1e-4. Regenerate only
+when a result is *meant* to change, and say why in the commit:
+``python -m pytest tests/benchmarks/test_golden_records.py --regen-golden``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 import estimators
 from benchmarks.harness.train import run
+from benchmarks.records.runs import timing_rows
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "records.csv"
 KEY = ["case", "step", "split", "metric", "probe_estimator", "param"]
@@ -51,10 +53,7 @@ def _records(make_config, run_dir: Path, name: str, family: str, kl: str) -> pd.
     )  # fmt: skip
     assert run(cfg, run_dir) == "completed"
     df = pd.read_parquet(run_dir / "metrics.parquet")
-    timing = (df["split"] == "throughput") | (
-        (df["split"] == "probe") & (df["metric"] == "seconds")
-    )
-    df = df[~timing]
+    df = df[~timing_rows(df)]
     df = df.assign(case=f"{name}-{family}-{kl}")
     return df[[*KEY, "f_evals", "value"]].sort_values(KEY).reset_index(drop=True)
 

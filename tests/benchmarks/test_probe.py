@@ -17,6 +17,7 @@ from benchmarks.harness.vae import VAE
 from benchmarks.probe.moments import GroupedMoments, gradient_moments, gradient_moments_loop
 from benchmarks.probe.reference import Reference, exact_reference, reference_gradient
 from benchmarks.probe.runner import probe_basket, summarize
+from benchmarks.records.runs import timing_rows
 from tests.estimators.problems import z_critical
 
 Z = z_critical(1e-3, 12)  # Bonferroni over the statistical comparisons of this module
@@ -281,7 +282,7 @@ def test_probing_does_not_change_the_training_trajectory(make_config, tmp_path):
     that of the same run without probing."""
 
     def comparable(df):
-        df = df[(df["split"] != "probe") & (df["split"] != "throughput")]
+        df = df[(df["split"] != "probe") & ~timing_rows(df)]
         df = df[df["metric"] != "grad_var_ema"]
         return df[["step", "split", "metric", "value"]].sort_values(["step", "split", "metric"])
 

@@ -24,6 +24,7 @@ from benchmarks.report import estimator_style, final_values, load_records, main
 from benchmarks.report.figures import align_runs
 from benchmarks.report.records import discover
 from benchmarks.report.tables import NA, welch_p
+from benchmarks.report.time_figure import time_breakdown
 
 REPO = Path(__file__).resolve().parents[2]
 GS1 = "gumbel_softmax (ST, τ=1)"
@@ -43,6 +44,7 @@ EXPECTED_FIGURES = [
     "grad_bias_vs_steps",
     "temperature_ablation",
     "throughput_runs",
+    "time_breakdown",
     "throughput_benchmark",
     "harness_overhead",
 ]
@@ -115,9 +117,21 @@ def _metrics(
                 add(step, "probe", "grad_snr", 1.0 / np.sqrt(var), probe)
                 add(step, "probe", "grad_bias2", (0.01 if probe == GS1 else 1e-5) * var, probe)
                 add(step, "probe", "grad_cos", 0.9 if probe == GS1 else 0.97, probe)
+        if step % 50 == 0 and step > 0:  # cumulative seconds per phase, before each checkpoint
+            for phase, seconds in _time_rows(label, seed, step).items():
+                add(step, "time", phase, seconds)
     frame = pd.DataFrame(rows)
     frame["some_future_column"] = "ignored"  # unknown columns must be tolerated
     return frame
+
+
+def _time_rows(label: str, seed: int, step: int) -> dict[str, float]:
+    """Cumulative seconds per phase of a synthetic run at ``step``."""
+    frac = step / STEPS[-1]
+    return {
+        "startup": 1.0 + 0.5 * seed, "train": frac * (10.0 + seed), "eval": frac * 2.0,
+        "probe": frac * (3.0 if label == RLOO else 4.0), "checkpoint": frac * 0.5,
+    }  # fmt: skip
 
 
 def _write_run(
@@ -611,7 +625,7 @@ def test_one_colour_and_marker_per_label_in_every_figure(report: dict) -> None:
             "color": to_hex(style.color(label)), "marker": style.marker(label)
         }  # fmt: skip
     drawn = palette["figures"]
-    assert set(drawn) == set(EXPECTED_FIGURES)
+    assert set(drawn) == set(EXPECTED_FIGURES) - {"time_breakdown"}  # coloured by phase
     for name, colors in drawn.items():  # colours read back from legends and bars as drawn
         assert colors, name
         for label, color in colors.items():
@@ -734,6 +748,21 @@ def test_final_values_reads_csv_records_and_tolerates_unknown_columns(report: di
         "throughput/steps_per_s",
         "f_evals_per_step",
     }
+
+
+def test_time_breakdown_is_the_mean_over_seeds_of_each_phase_at_the_last_step(
+    report: dict,
+) -> None:
+    """The stacked-bar numbers: per label and phase, the mean over the completed runs' seeds
+    of the cumulative ``time/<phase>`` seconds at each run's last step (the diverged run is
+    left out)."""
+    metrics, _ = load_records([report["paths"][0]])
+    table = time_breakdown(metrics).set_index(["estimator_label", "phase"])
+    for label in (GS1, RLOO):  # seeds 0 and 1 completed
+        for phase in ("startup", "train", "eval", "probe", "checkpoint"):
+            want = np.mean([_time_rows(label, seed, STEPS[-1])[phase] for seed in (0, 1)])
+            assert table.loc[(label, phase), "seconds"] == pytest.approx(want)
+            assert table.loc[(label, phase), "n"] == 2
 
 
 # ------------------------------------------------- hostile records: groups, seeds, shapes

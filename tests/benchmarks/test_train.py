@@ -26,7 +26,7 @@ from benchmarks.harness.build import estimator_label, temperature_schedule
 from benchmarks.harness.schedules import TemperatureSchedule
 from benchmarks.harness.train import run
 from benchmarks.harness.validate import ConfigError, validate
-from benchmarks.records.runs import COLUMNS
+from benchmarks.records.runs import COLUMNS, timing_rows
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_OF_FAMILY = {"gaussian": "gaussian", "bernoulli": "bernoulli", "categorical": "categorical"}
@@ -50,7 +50,7 @@ def _record(run_dir: Path) -> dict:
 
 def _comparable(df: pd.DataFrame) -> pd.DataFrame:
     """Rows that do not depend on wall time, in a canonical order."""
-    df = df[df["split"] != "throughput"]
+    df = df[~timing_rows(df)]
     cols = ["step", "f_evals", "split", "metric", "value"]
     return df[cols].sort_values(["step", "split", "metric"]).reset_index(drop=True)
 

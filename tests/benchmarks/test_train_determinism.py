@@ -16,6 +16,7 @@ import torch
 
 import estimators
 from benchmarks.harness.train import run
+from benchmarks.records.runs import timing_rows
 
 #: One supported family per estimator, categorical first (its networks are the largest).
 FAMILY = {
@@ -26,16 +27,11 @@ FAMILY = {
 }
 #: Columns and rows that measure time, and the run's random id: the only allowed differences.
 TIMING_COLUMNS = ["run_id", "wall_time"]
-TIMING_METRICS = {("probe", "seconds")}
 
 
 def _records(run_dir: Path) -> tuple[pd.DataFrame, dict]:
     df = pd.read_parquet(run_dir / "metrics.parquet")
-    timing = (df["split"] == "throughput") | pd.Series(
-        [(s, m) in TIMING_METRICS for s, m in zip(df["split"], df["metric"], strict=True)],
-        index=df.index,
-    )
-    df = df[~timing].drop(columns=TIMING_COLUMNS).reset_index(drop=True)
+    df = df[~timing_rows(df)].drop(columns=TIMING_COLUMNS).reset_index(drop=True)
     return df, json.loads((run_dir / "run.json").read_text())
 
 
@@ -44,8 +40,9 @@ def test_two_runs_of_the_same_config_give_identical_records(
     make_config, tmp_path: Path, name: str
 ) -> None:
     """Two CPU runs of `experiment=debug estimator=NAME seed=7` (10 steps, probed at step 10)
-    write identical metrics.parquet rows (all but run_id, wall_time, throughput and
-    probe/seconds) and run.json with equal config and seed, whatever the RNG state before."""
+    write identical metrics.parquet rows (all but run_id, wall_time and the timing rows:
+    throughput, time, probe/seconds) and run.json with equal config and seed, whatever the RNG
+    state before."""
     kl = "sampled" if estimators.get(name).objective_kind == "iwae" else "analytic"
     overrides = (
         "experiment=debug", f"estimator={name}", f"model={FAMILY[name]}", f"model.kl={kl}",

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from benchmarks.harness import checkpoint
+from benchmarks.records.runs import timing_rows
 
 REPO = Path(__file__).resolve().parents[2]
 #: Test-only configs (the ``fault`` group: ``+fault=sigkill`` etc.), added with --config-dir.
@@ -53,7 +54,7 @@ def metrics(run_dir: Path) -> pd.DataFrame:
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:
     """The rows that do not depend on wall time, in a canonical order."""
-    df = df[df["split"] != "throughput"]
+    df = df[~timing_rows(df)]
     cols = ["step", "f_evals", "split", "metric", "value"]
     return df[cols].sort_values(["step", "split", "metric"]).reset_index(drop=True)
 

@@ -1,0 +1,75 @@
+"""The side-by-side timing of the quick sweep (:mod:`benchmarks.throughput.quick_timing`):
+the run order, the tidy record, the summary's ratio, refusals, and one tiny real sweep pair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.throughput import quick_timing as qt
+
+
+def test_sweeps_alternate_abba_so_a_drift_in_load_weighs_on_both() -> None:
+    """Repeat 0 runs baseline then current, repeat 1 current then baseline, and so on."""
+    assert qt.plan(3) == [
+        (0, "baseline"), (0, "current"), (1, "current"), (1, "baseline"),
+        (2, "baseline"), (2, "current"),
+    ]  # fmt: skip
+
+
+def test_the_record_has_one_row_per_sweep_and_the_summary_the_ratio_of_medians(
+    tmp_path: Path,
+) -> None:
+    """With a timer that takes 10 s for the baseline and 4 s (then 6 s) for the current tree,
+    the record lists four sweeps in ABBA order with their commits, and the summary gives the
+    medians 10 and 5, ratio 0.5, per-repeat ratios 0.4 and 0.6, and every sweep ok."""
+    current = iter([4.0, 6.0])
+
+    def timer(tree: Path, sweep_dir: Path, overrides: list[str]) -> dict:
+        assert overrides == ["steps=20"] and sweep_dir.parent == tmp_path
+        seconds = 10.0 if tree.name == "b" else next(current)
+        return {"seconds": seconds, "cpu_user_s": 1.0, "cpu_sys_s": 0.1, "loadavg_before": 0.2,
+                "returncode": 0, "completed_runs": 18}  # fmt: skip
+
+    trees = {"baseline": Path("b"), "current": Path("c")}
+    commits = {"baseline": "a" * 40, "current": "c" * 40}
+    rows = qt.measure(trees, commits, 2, tmp_path, ["steps=20"], timer=timer)
+    assert [(r["order"], r["side"], r["repeat"]) for r in rows] == [
+        (0, "baseline", 0), (1, "current", 0), (2, "current", 1), (3, "baseline", 1),
+    ]  # fmt: skip
+    assert {r["commit"] for r in rows if r["side"] == "baseline"} == {"a" * 40}
+    summary = qt.summarize(rows)
+    assert summary["median_seconds"] == {"baseline": 10.0, "current": 5.0}
+    assert summary["ratio"] == pytest.approx(0.5)
+    assert summary["ratio_per_repeat"] == pytest.approx([0.4, 0.6])
+    assert summary["all_ok"]
+    rows[0]["completed_runs"] = 17  # a sweep that finished fewer runs is not ok
+    assert not qt.summarize(rows)["all_ok"]
+    assert "ratio current / baseline 0.500" in qt.markdown(rows, summary, "cmd")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["--repeats", "0"], "--repeats=0"), (["--baseline", "no-such-rev"], "--baseline")],
+)
+def test_bad_options_are_one_line_and_exit_1(argv, needle, capsys) -> None:
+    """A bad --repeats or an unknown --baseline: one line naming the option, exit 1."""
+    assert qt.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_pair_against_head_writes_the_record(tmp_path: Path) -> None:
+    """Baseline HEAD (its files from git archive) against the working tree, one repeat of a
+    two-job 10-step sweep: two records, both exit 0 with 2 completed runs."""
+    out = tmp_path / "qt"
+    argv = ["--baseline", "HEAD", "--repeats", "1", "--out", str(out), "--work", str(tmp_path),
+            "steps=10", "pairing=bernoulli_rloo", "seed=0,1", "probe.every=0"]  # fmt: skip
+    assert qt.main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["side"] for r in data["records"]] == ["baseline", "current"]
+    assert all(r["completed_runs"] == 2 for r in data["records"])
+    assert data["summary"]["ratio"] > 0 and out.with_suffix(".md").is_file()
