@@ -23,6 +23,7 @@ from benchmarks.harness.train import run
 from benchmarks.harness.vae import VAE, PointMass
 from benchmarks.harness.validate import ConfigError
 from benchmarks.records.files import file_sha256
+from benchmarks.records.runs import timing_rows
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ("experiment=debug", "data=digits", "eval.qualitative=true", "device=cpu")
@@ -43,7 +44,7 @@ D = 64  # digits are 8x8
 
 def _comparable(run_dir: Path) -> pd.DataFrame:
     df = pd.read_parquet(run_dir / "metrics.parquet")
-    df = df[df["split"] != "throughput"]
+    df = df[~timing_rows(df)]
     return df[["step", "f_evals", "split", "metric", "value"]].reset_index(drop=True)
 
 
