@@ -35,7 +35,7 @@ from estimators.registry import register
 
 
 def _bound(w: Tensor) -> Tensor:
-    """``log mean_s exp w_s``, ``[*B]`` from ``[S, *B]``; its gradient is ``sum_s w~_s grad w_s``."""
+    """``log mean_s exp w_s``: ``[*B]`` from ``[S, *B]``; gradient ``sum_s w~_s grad w_s``."""
     return torch.logsumexp(w, 0) - math.log(w.shape[0])
 
 
