@@ -5,10 +5,14 @@ moments, accumulated per jackknife group without materializing the ``M x P`` mat
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from estimators import Estimate
 
 
 @dataclass
@@ -48,6 +52,54 @@ def _encoder_params(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(f"encoder.{n}", p) for n, p in model.encoder.named_parameters()]
 
 
+#: What :func:`gradient_moments` can probe: the encoder's or the decoder's parameters.
+PARTS = ("encoder", "decoder")
+
+
+def _decoder_per_estimate(
+    model: nn.Module, call: Callable[[], Estimate], m: int
+) -> tuple[Tensor, Estimate]:
+    """``[m, P]`` gradients of the batch-mean surrogate of ``call()`` (batch ``[B, m]``) w.r.t.
+    the decoder's parameters, one row per estimate ``j`` along the second batch dimension,
+    and the estimate itself.
+
+    The decoder is made of ``nn.Linear`` layers (and parameter-free activations); forward hooks
+    keep each layer's input and output, and the gradient of a layer's weight for estimate
+    ``j`` is ``sum go[..., j, :]^T gi[..., j, :]`` over every other dimension (samples,
+    examples), its bias ``sum go[..., j, :]``: one backward pass for all ``m`` estimates.
+    """
+    layers = [mod for mod in model.decoder if isinstance(mod, nn.Linear)]
+    if sum(p.numel() for p in model.decoder.parameters()) != sum(
+        p.numel() for layer in layers for p in layer.parameters()
+    ):
+        raise ValueError("decoder probing needs a decoder of nn.Linear layers only")
+    calls: list[tuple[int, Tensor, Tensor]] = []
+
+    def keeper(index: int):
+        def keep(module, inputs, output) -> None:
+            if output.requires_grad:
+                calls.append((index, inputs[0].detach(), output))
+
+        return keep
+
+    handles = [layer.register_forward_hook(keeper(i)) for i, layer in enumerate(layers)]
+    try:
+        out = call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    loss = out.surrogate.sum() / out.surrogate.shape[0]
+    outs = torch.autograd.grad(loss, [c[2] for c in calls])
+    grads = [[torch.zeros(m, *p.shape, device=p.device, dtype=p.dtype) for p in layer.parameters()]
+             for layer in layers]  # fmt: skip
+    for (index, inp, _), go in zip(calls, outs, strict=True):
+        go, gi = go.reshape(-1, m, go.shape[-1]), inp.expand(*go.shape[:-1], -1)
+        gi = gi.reshape(-1, m, gi.shape[-1])  # [rows, m, in]
+        grads[index][0] += torch.einsum("rmo,rmi->moi", go, gi)
+        grads[index][1] += go.sum(0)
+    return torch.cat([g.reshape(m, -1) for layer in grads for g in layer], 1), out
+
+
 def gradient_moments(
     model: nn.Module,
     x: Tensor,
@@ -58,9 +110,11 @@ def gradient_moments(
     num_samples: int | None = None,
     groups: int = 20,
     chunk: int = 100,
+    part: str = "encoder",
 ) -> GroupedMoments:
     """``M = num_estimates`` independent gradient estimates of the batch-mean objective with
-    respect to ``model.encoder``'s parameters, as grouped first and second moments.
+    respect to ``model.encoder``'s parameters (``part="decoder"``: ``model.decoder``'s, see
+    :func:`_decoder_per_estimate`), as grouped first and second moments.
 
     ``model`` provides ``encoder`` (``[B, D] -> head``), ``distribution(head)`` and
     ``learning_signal(x, q, kl)`` (see :class:`benchmarks.vae.VAE`). The estimator is used in
@@ -73,7 +127,10 @@ def gradient_moments(
             f"(two estimates per jackknife group, probe.groups={groups})"
         )
     est = copy.deepcopy(estimator).eval()
-    named = _encoder_params(model)
+    if part == "decoder":
+        named = [(f"decoder.{n}", p) for n, p in model.decoder.named_parameters()]
+    else:
+        named = _encoder_params(model)
     params = [p for _, p in named]
     b = x.shape[0]
     head = model.encoder(x)  # [B, H], graph kept for the batched VJPs
@@ -89,16 +146,20 @@ def gradient_moments(
         q = model.distribution(head_rep)  # batch [B, m]
         f = model.learning_signal(x[:, None], q, kl)
         context = x[:, None].expand(b, m, *x.shape[1:])
-        out = est(q, f, num_samples=num_samples, context=context)
-        (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)  # [B, m, H]
-        grads = torch.autograd.grad(
-            head,
-            params,
-            grad_outputs=delta.movedim(1, 0),
-            is_grads_batched=True,
-            retain_graph=True,
-        )  # each [m, *shape]
-        flat = torch.cat([g.reshape(m, -1) for g in grads], 1)  # [m, P]
+        if part == "decoder":
+            call = functools.partial(est, q, f, num_samples=num_samples, context=context)
+            flat, out = _decoder_per_estimate(model, call, m)  # [m, P]
+        else:
+            out = est(q, f, num_samples=num_samples, context=context)
+            (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)  # [B, m, H]
+            grads = torch.autograd.grad(
+                head,
+                params,
+                grad_outputs=delta.movedim(1, 0),
+                is_grads_batched=True,
+                retain_graph=True,
+            )  # each [m, *shape]
+            flat = torch.cat([g.reshape(m, -1) for g in grads], 1)  # [m, P]
         if shift is None:
             shift = flat.mean(0)
         dev = flat - shift
