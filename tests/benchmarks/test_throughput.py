@@ -42,6 +42,10 @@ HANDWRITTEN = [
     ("disarm", {}, 2),
     ("rebar", {}, 2),  # benchmarks/handwritten_control_variate.py, through make_step
     ("relax", {"hidden": 8}, 1),
+    ("iwae", {}, 3),  # benchmarks/handwritten_multisample.py, through make_step
+    ("stl", {}, 3),
+    ("dreg", {}, 3),
+    ("mvd", {}, 2),
 ]
 
 
