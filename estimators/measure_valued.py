@@ -85,7 +85,7 @@ class MeasureValued(EstimatorBase):
     name = "mvd"
     families = frozenset({"gaussian"})
 
-    def __init__(self, num_samples: int = 1, max_rows: int = 2**20) -> None:
+    def __init__(self, num_samples: int = 1, max_rows: int = 2**16) -> None:
         super().__init__(num_samples)
         self.max_rows = positive_int(self.name, "max_rows", max_rows)
 

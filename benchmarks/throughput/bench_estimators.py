@@ -44,6 +44,10 @@ CONFIGS = [
     ("gumbel_softmax", {"temperature": 0.5}, "categorical"),
     ("gumbel_softmax", {"temperature": 0.5, "straight_through": True}, "categorical"),
     ("gumbel_softmax", {"temperature": 0.5}, "bernoulli"),
+    ("iwae", {}, "gaussian"),
+    ("stl", {}, "gaussian"),
+    ("dreg", {}, "gaussian"),
+    ("mvd", {}, "gaussian"),
 ]
 
 
@@ -163,7 +167,7 @@ def test_f_alone(benchmark, config, s) -> None:
     # objective at the hard samples) forward only.
     extra = est(problem.dist(), problem.f, num_samples=s).f_evals // s - 1
     _info(benchmark, config, s, "f_alone")
-    pathwise = name in ("reparam", "gumbel_softmax")
+    pathwise = name in ("reparam", "gumbel_softmax", "iwae", "stl", "dreg")
     benchmark.pedantic(
         problem.f_alone, args=(s, pathwise, extra), rounds=30, iterations=3, warmup_rounds=3
     )
