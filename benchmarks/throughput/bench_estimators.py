@@ -47,7 +47,8 @@ CONFIGS = [
     ("iwae", {}, "gaussian"),
     ("stl", {}, "gaussian"),
     ("dreg", {}, "gaussian"),
-    ("mvd", {}, "gaussian"),
+    # S (3 D + 1) f-evaluations per example at 200 latents: seconds per call, so slow-marked.
+    pytest.param(("mvd", {}, "gaussian"), marks=pytest.mark.slow, id="mvd-gaussian"),
 ]
 
 

@@ -45,7 +45,7 @@ HANDWRITTEN = [
     ("iwae", {}, 3),  # benchmarks/handwritten_multisample.py, through make_step
     ("stl", {}, 3),
     ("dreg", {}, 3),
-    ("mvd", {}, 2),
+    ("mvd", {}, 1),
 ]
 
 
