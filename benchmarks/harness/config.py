@@ -158,6 +158,7 @@ class ProbeConfig:
     groups: int = 20  # jackknife groups for the standard errors
     chunk: int = 50  # estimates computed at once (bounds memory)
     ema_decay: float = 0.999  # decay of train/grad_var_ema (REBAR/DisARM papers); 0: off
+    decoder: bool = False  # also probe the decoder's gradients (param=decoder, decoder.*)
 
 
 @dataclass

@@ -250,7 +250,7 @@ def build_probe(cfg: DictConfig, data: Dataset, device: torch.device) -> ProbeRu
     return ProbeRunner(
         basket, batch.to(device), num_estimates=pr.num_estimates, groups=pr.groups,
         chunk=pr.chunk, reference=pr.reference, reference_samples=pr.reference_samples,
-        reference_estimates=pr.reference_estimates, kl=cfg.model.kl,
+        reference_estimates=pr.reference_estimates, kl=cfg.model.kl, decoder=pr.decoder,
     )  # fmt: skip
 
 

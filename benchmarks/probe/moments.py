@@ -5,11 +5,14 @@ moments, accumulated per jackknife group without materializing the ``M x P`` mat
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from estimators import Estimate
 
 
 @dataclass
@@ -123,6 +126,54 @@ def _last_layer_moments(
     return torch.cat(totals), torch.cat(squares)
 
 
+#: What :func:`gradient_moments` can probe: the encoder's or the decoder's parameters.
+PARTS = ("encoder", "decoder")
+
+
+def _decoder_per_estimate(
+    model: nn.Module, call: Callable[[], Estimate], m: int
+) -> tuple[Tensor, Estimate]:
+    """``[m, P]`` gradients of the batch-mean surrogate of ``call()`` (batch ``[B, m]``) w.r.t.
+    the decoder's parameters, one row per estimate ``j`` along the second batch dimension,
+    and the estimate itself.
+
+    The decoder is made of ``nn.Linear`` layers (and parameter-free activations); forward hooks
+    keep each layer's input and output, and the gradient of a layer's weight for estimate
+    ``j`` is ``sum go[..., j, :]^T gi[..., j, :]`` over every other dimension (samples,
+    examples), its bias ``sum go[..., j, :]``: one backward pass for all ``m`` estimates.
+    """
+    layers = [mod for mod in model.decoder if isinstance(mod, nn.Linear)]
+    if sum(p.numel() for p in model.decoder.parameters()) != sum(
+        p.numel() for layer in layers for p in layer.parameters()
+    ):
+        raise ValueError("decoder probing needs a decoder of nn.Linear layers only")
+    calls: list[tuple[int, Tensor, Tensor]] = []
+
+    def keeper(index: int):
+        def keep(module, inputs, output) -> None:
+            if output.requires_grad:
+                calls.append((index, inputs[0].detach(), output))
+
+        return keep
+
+    handles = [layer.register_forward_hook(keeper(i)) for i, layer in enumerate(layers)]
+    try:
+        out = call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    loss = out.surrogate.sum() / out.surrogate.shape[0]
+    outs = torch.autograd.grad(loss, [c[2] for c in calls])
+    grads = [[torch.zeros(m, *p.shape, device=p.device, dtype=p.dtype) for p in layer.parameters()]
+             for layer in layers]  # fmt: skip
+    for (index, inp, _), go in zip(calls, outs, strict=True):
+        go, gi = go.reshape(-1, m, go.shape[-1]), inp.expand(*go.shape[:-1], -1)
+        gi = gi.reshape(-1, m, gi.shape[-1])  # [rows, m, in]
+        grads[index][0] += torch.einsum("rmo,rmi->moi", go, gi)
+        grads[index][1] += go.sum(0)
+    return torch.cat([g.reshape(m, -1) for layer in grads for g in layer], 1), out
+
+
 def gradient_moments(
     model: nn.Module,
     x: Tensor,
@@ -133,9 +184,11 @@ def gradient_moments(
     num_samples: int | None = None,
     groups: int = 20,
     chunk: int = 100,
+    part: str = "encoder",
 ) -> GroupedMoments:
     """``M = num_estimates`` independent gradient estimates of the batch-mean objective with
-    respect to ``model.encoder``'s parameters, as grouped first and second moments.
+    respect to ``model.encoder``'s parameters (``part="decoder"``: ``model.decoder``'s, see
+    :func:`_decoder_per_estimate`), as grouped first and second moments.
 
     ``model`` provides ``encoder`` (``[B, D] -> head``), ``distribution(head)`` and
     ``learning_signal(x, q, kl)`` (see :class:`benchmarks.vae.VAE`). The estimator is used in
@@ -155,6 +208,8 @@ def gradient_moments(
             f"(two estimates per jackknife group, probe.groups={groups})"
         )
     est = copy.deepcopy(estimator).eval()
+    if part == "decoder":
+        return _decoder_moments(model, x, est, num_estimates, kl, num_samples, groups, chunk)
     named = _encoder_params(model)
     params = [p for _, p in named]
     split = _split_last_linear(model.encoder)
@@ -191,6 +246,40 @@ def gradient_moments(
     assert shift is not None
     return GroupedMoments(
         [n for n, _ in named], [p.numel() for p in params], acc.sums, acc.sumsqs, acc.counts,
+        f_evals, shift.double().cpu(),
+    )  # fmt: skip
+
+
+def _decoder_moments(
+    model: nn.Module, x: Tensor, est: nn.Module, num_estimates: int, kl: str,
+    num_samples: int | None, groups: int, chunk: int,
+) -> GroupedMoments:  # fmt: skip
+    """:func:`gradient_moments` of the decoder's parameters: each chunk's ``[m, P]``
+    per-estimate gradients from one backward pass (:func:`_decoder_per_estimate`), centred on
+    the first chunk's mean and summed per jackknife group."""
+    named = [(f"decoder.{n}", p) for n, p in model.decoder.named_parameters()]
+    b = x.shape[0]
+    head = model.encoder(x).detach()
+    acc = _Accumulator(groups, sum(p.numel() for _, p in named), num_estimates)
+    f_evals, done, shift = 0, 0, None
+    while done < num_estimates:
+        m = min(chunk, num_estimates - done)
+        head_rep = head[:, None].expand(b, m, head.shape[-1]).clone().requires_grad_()
+        q = model.distribution(head_rep)  # batch [B, m]
+        x_rep = x[:, None].expand(b, m, *x.shape[1:]).contiguous()
+        f = model.learning_signal(x_rep, q, kl)
+        call = functools.partial(est, q, f, num_samples=num_samples, context=x_rep)
+        flat, out = _decoder_per_estimate(model, call, m)  # [m, P]
+        f_evals = out.f_evals
+        if shift is None:
+            shift = flat.mean(0)
+        for k, lo, hi in acc.blocks(done, m):
+            dev = flat[lo:hi] - shift
+            acc.add(k, slice(None), dev.sum(0), (dev * dev).sum(0))
+        done += m
+    assert shift is not None
+    return GroupedMoments(
+        [n for n, _ in named], [p.numel() for _, p in named], acc.sums, acc.sumsqs, acc.counts,
         f_evals, shift.double().cpu(),
     )  # fmt: skip
 

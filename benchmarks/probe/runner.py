@@ -31,10 +31,11 @@ NORMALIZATION = "batch_mean"
 
 
 def summarize(
-    moments: GroupedMoments, reference: Reference | None
+    moments: GroupedMoments, reference: Reference | None, total: str = "all"
 ) -> list[dict[str, float | str]]:
-    """Rows ``{param, metric, value}`` for each parameter tensor and ``all``; each metric with
-    a ``<metric>_se`` jackknife row. Bias, MSE and cosine need a ``reference``.
+    """Rows ``{param, metric, value}`` for each parameter tensor and ``total`` (every one
+    together); each metric with a ``<metric>_se`` jackknife row. Bias, MSE and cosine need a
+    ``reference``.
 
     Per-coordinate terms are computed once for the full set and every group deletion
     (``[K+1, P]``); each metric is then a reduction over a parameter's coordinates.
@@ -51,7 +52,7 @@ def summarize(
     snr_c = torch.where(std > 0, mean.abs() / std.clamp_min(1e-300), torch.nan)
     bias_c = (mean - ref) ** 2 - var / n - ref_var
     dot_c, mm_c, rr_c = mean * ref, mean**2, ref**2
-    slices = {"all": slice(0, mean.shape[1])}
+    slices = {total: slice(0, mean.shape[1])}
     start = 0
     for name, size in zip(moments.names, moments.sizes, strict=True):
         slices[name] = slice(start, start + size)
@@ -90,19 +91,29 @@ def probe_basket(
     reference: Reference | None = None,
     groups: int = 20,
     chunk: int = 100,
+    decoder: bool = False,
 ) -> list[dict[str, float | str]]:
     """Probe every ``(label, estimator)`` of ``basket`` at the same parameters and batch.
 
     Returns rows ``{probe_estimator, param, metric, value, f_evals}``; the reference's kind is
     in ``reference`` rows' ``probe_estimator`` as ``reference:<kind>`` (its per-coordinate SE,
-    averaged, as metric ``ref_se``).
+    averaged, as metric ``ref_se``). With ``decoder``, a second set of ``num_estimates``
+    estimates gives the decoder's rows (``param`` ``decoder.<name>`` and ``decoder``; no
+    reference: bias, MSE and cosine are left out).
     """
     rows: list[dict[str, float | str]] = []
     for label, est in basket:
         moments = gradient_moments(model, x, est, num_estimates, kl=kl, groups=groups, chunk=chunk)
         use_ref = reference if getattr(est, "objective_kind", "mean") == "mean" else None
-        for row in summarize(moments, use_ref):
-            rows.append({"probe_estimator": label, "f_evals": moments.f_evals, **row})
+        parts = [(moments, use_ref, "all")]
+        if decoder:
+            dec = gradient_moments(
+                model, x, est, num_estimates, kl=kl, groups=groups, chunk=chunk, part="decoder"
+            )
+            parts.append((dec, None, "decoder"))
+        for part, ref, total in parts:
+            for row in summarize(part, ref, total):
+                rows.append({"probe_estimator": label, "f_evals": part.f_evals, **row})
     if reference is not None:
         rows.append(
             {
@@ -156,6 +167,7 @@ class ProbeRunner:
       kl: the model's learning signal (``analytic`` | ``sampled``).
       warmup_calls: estimates on the probe batch that bring a basket estimator's running
         state (moving averages) to the current parameters before it is probed.
+      decoder: also probe the decoder's gradients (``param`` ``decoder.*`` and ``decoder``).
 
     Probing draws its randomness from its own stream, seeded by (run seed, step), and
     restores the global RNG state afterwards: it never changes the training trajectory.
@@ -174,6 +186,7 @@ class ProbeRunner:
         reference_estimates: int,
         kl: str,
         warmup_calls: int = 50,
+        decoder: bool = False,
     ) -> None:
         self.basket = list(basket)
         self.batch = batch
@@ -181,6 +194,7 @@ class ProbeRunner:
         self.reference, self.kl = reference, kl
         self.reference_samples, self.reference_estimates = reference_samples, reference_estimates
         self.warmup_calls = warmup_calls
+        self.decoder = decoder
 
     def __call__(
         self, model: nn.Module, own: tuple[str, nn.Module], seed: int
@@ -202,7 +216,7 @@ class ProbeRunner:
                 )  # fmt: skip
             return probe_basket(
                 model, self.batch, basket, num_estimates=self.num_estimates, kl=self.kl,
-                reference=ref, groups=self.groups, chunk=self.chunk,
+                reference=ref, groups=self.groups, chunk=self.chunk, decoder=self.decoder,
             )  # fmt: skip
 
 

@@ -48,6 +48,11 @@ CONFIGS = [
     ("arsm", {}, "categorical"),
     ("disarm", {}, "categorical"),
     ("unordered_set", {}, "categorical"),
+    ("iwae", {}, "gaussian"),
+    ("stl", {}, "gaussian"),
+    ("dreg", {}, "gaussian"),
+    # S (3 D + 1) f-evaluations per example at 200 latents: seconds per call, so slow-marked.
+    pytest.param(("mvd", {}, "gaussian"), marks=pytest.mark.slow, id="mvd-gaussian"),
 ]
 
 
@@ -167,7 +172,7 @@ def test_f_alone(benchmark, config, s) -> None:
     # objective at the hard samples) forward only.
     extra = est(problem.dist(), problem.f, num_samples=s).f_evals // s - 1
     _info(benchmark, config, s, "f_alone")
-    pathwise = name in ("reparam", "gumbel_softmax")
+    pathwise = name in ("reparam", "gumbel_softmax", "iwae", "stl", "dreg")
     benchmark.pedantic(
         problem.f_alone, args=(s, pathwise, extra), rounds=30, iterations=3, warmup_rounds=3
     )
