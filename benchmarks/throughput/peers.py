@@ -34,7 +34,6 @@ import importlib.util
 import os
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -255,9 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from importlib.metadata import version
 
     from benchmarks.harness.allocator import retain_freed_memory
-    from benchmarks.records.files import atomic_write_bytes, write_json
-    from benchmarks.records.runs import git_state
     from benchmarks.throughput.bench_throughput import torch_threads
+    from benchmarks.throughput.measurement import machine_before, write_measurement
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=21, help="blocks per S (>= 3)")
@@ -279,20 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peers: {', '.join(missing)} not installed; install them with "
               "pip install -c constraints.txt -e '.[peers]'", file=sys.stderr)  # fmt: skip
         return 2
-    machine = {
-        "device": "cpu", "note": args.note, **git_state(),
-        "versions": {p: version(p) for p in ("torch", *PEERS.values())},
-        "cpu_malloc": retain_freed_memory(),  # as the training runs and the other benchmarks
-        "loadavg_before": [round(v, 2) for v in os.getloadavg()],
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    machine = machine_before(
+        "cpu", args.note, versions={p: version(p) for p in ("torch", *PEERS.values())}
+    )
     with torch_threads(1):
         rows = measure(args.blocks, args.block_seconds)
     machine["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-    stem = Path(args.out_dir) / "peers_cpu"
-    write_json(stem.with_suffix(".json"), {"machine": machine, "results": rows})
     text = markdown(rows, machine)
-    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    write_measurement(Path(args.out_dir) / "peers_cpu", machine, rows, text)
     print(text)
     return 0
 

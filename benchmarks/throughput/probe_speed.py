@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +90,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure and write ``probe_<device>.json`` / ``.md``."""
-    from benchmarks.harness.allocator import retain_freed_memory
-    from benchmarks.records.files import atomic_write_bytes, write_json
-    from benchmarks.records.runs import git_state
+    from benchmarks.throughput.measurement import machine_before, write_measurement
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-estimates", type=int, default=1000, help="M (default 1000)")
@@ -107,16 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3")
     if args.num_estimates < 40:
         parser.error(f"--num-estimates={args.num_estimates} is invalid; allowed: >= 40")
-    machine = {"device": args.device, "note": args.note, **git_state(),
-               "cpu_malloc": retain_freed_memory(),
-               "loadavg_before": [round(v, 2) for v in os.getloadavg()],
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    machine = machine_before(args.device, args.note)
     rows = measure(args.num_estimates, args.blocks, args.chunk, args.device)
     machine["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-    stem = Path(args.out_dir) / f"probe_{args.device}"
-    write_json(stem.with_suffix(".json"), {"machine": machine, "results": rows})
     text = markdown(rows, machine)
-    atomic_write_bytes(stem.with_suffix(".md"), text.encode())
+    write_measurement(Path(args.out_dir) / f"probe_{args.device}", machine, rows, text)
     print(text)
     return 0
 
