@@ -30,13 +30,19 @@ from torch.distributions import Independent
 import estimators
 from benchmarks.harness.vae import VAE, LatentPosterior
 from estimators.baselines import debiased
-from tests.benchmarks.vae_replicates import Outcome, check, replicate_gradients
+from tests.benchmarks.vae_replicates import (
+    DATA_DIM,
+    EXAMPLES,
+    Outcome,
+    check,
+    linear_params,
+    replicate_gradients,
+    tiny_data,
+)
 from tests.estimators.problems import z_critical
 
 ALPHA = 1e-3
 REPLICATES = 20_000
-DATA_DIM = 6
-EXAMPLES = 2
 KL_MODES = ("analytic", "sampled")
 #: Option variants per estimator (default options otherwise).
 VARIANTS: dict[str, list[dict]] = {"nvil": [{}, {"normalize": True, "decay": 0.5}]}
@@ -77,28 +83,19 @@ def _vae(family: str) -> VAE:
     return vae
 
 
-def _data() -> Tensor:
-    g = torch.Generator().manual_seed(1)
-    return (torch.rand(EXAMPLES, DATA_DIM, generator=g) < 0.5).double()
-
-
-def _params(vae: VAE) -> list[Tensor]:
-    return [vae.encoder[0].weight, vae.encoder[0].bias, vae.decoder[0].weight, vae.decoder[0].bias]
-
-
 def exact_gradient(vae: VAE, x: Tensor, kl: str, est: estimators.EstimatorBase) -> Tensor:
     """Exact gradient ``[P]`` of the summed objective the estimator targets."""
     q = vae.encode(x)
     f = vae.learning_signal(x, q, kl)
     if est.objective_kind == "iwae":
-        _, grads = estimators.exact.iwae_gradient(q, f, est.num_samples, _params(vae))
+        _, grads = estimators.exact.iwae_gradient(q, f, est.num_samples, linear_params(vae))
     else:
-        _, grads = estimators.exact.gradient(q, f, _params(vae))
+        _, grads = estimators.exact.gradient(q, f, linear_params(vae))
     return torch.cat([g.reshape(-1) for g in grads])
 
 
 def run_case(name: str, opts: dict, family: str, kl: str, seed: int = 2) -> Outcome:
-    vae, x = _vae(family), _data()
+    vae, x = _vae(family), tiny_data()
     est = estimators.get(name, **opts)
     torch.manual_seed(seed)
     truth = exact_gradient(vae, x, kl, est)
@@ -136,7 +133,7 @@ def test_gumbel_softmax_fails_both_checks_on_the_vae(kl: str) -> None:
     """Negative control: Gumbel-softmax at temperature 1 on the categorical VAE fails the
     equality check and the direction check (same R, same z)."""
     for unbiased_for in ("gradient", "direction"):
-        vae, x = _vae("categorical"), _data()
+        vae, x = _vae("categorical"), tiny_data()
         est = estimators.get("gumbel_softmax", temperature=1.0)
         torch.manual_seed(2)
         truth = exact_gradient(vae, x, kl, est)

@@ -23,13 +23,18 @@ from torch import Tensor
 
 import estimators
 from benchmarks.harness.vae import VAE
-from tests.benchmarks.vae_replicates import Outcome, check, replicate_gradients
+from tests.benchmarks.vae_replicates import (
+    DATA_DIM,
+    Outcome,
+    check,
+    linear_params,
+    replicate_gradients,
+    tiny_data,
+)
 from tests.estimators.problems import z_critical
 
 ALPHA = 1e-3
 REPLICATES = 20_000
-DATA_DIM = 6
-EXAMPLES = 2
 LATENT = 1
 NODES = 16  # Gauss-Hermite nodes per coordinate and sample (NODES^(LATENT * S) points)
 
@@ -65,15 +70,6 @@ def _vae() -> VAE:
     return vae
 
 
-def _data() -> Tensor:
-    g = torch.Generator().manual_seed(1)
-    return (torch.rand(EXAMPLES, DATA_DIM, generator=g) < 0.5).double()
-
-
-def _params(vae: VAE) -> list[Tensor]:
-    return [vae.encoder[0].weight, vae.encoder[0].bias, vae.decoder[0].weight, vae.decoder[0].bias]
-
-
 def quadrature_gradient(
     vae: VAE, x: Tensor, kl: str, est: estimators.EstimatorBase, nodes: int = NODES
 ) -> Tensor:
@@ -82,14 +78,14 @@ def quadrature_gradient(
     f = vae.learning_signal(x, q, kl)
     quad = estimators.quadrature
     if est.objective_kind == "iwae":
-        _, grads = quad.iwae_gradient(q, f, est.num_samples, _params(vae), nodes)
+        _, grads = quad.iwae_gradient(q, f, est.num_samples, linear_params(vae), nodes)
     else:
-        _, grads = quad.gradient(q, f, _params(vae), nodes)
+        _, grads = quad.gradient(q, f, linear_params(vae), nodes)
     return torch.cat([g.reshape(-1) for g in grads])
 
 
 def run_case(name: str, opts: dict, kl: str, seed: int = 2) -> Outcome:
-    vae, x = _vae(), _data()
+    vae, x = _vae(), tiny_data()
     est = estimators.get(name, **opts)
     truth = quadrature_gradient(vae, x, kl, est)
     torch.manual_seed(seed)
@@ -125,7 +121,7 @@ def test_quadrature_truth_has_converged() -> None:
     """The truths above move by less than 1e-4 (absolute; the standard errors of the means
     are about 1e-2) when the rule has 4 more nodes, and for S = 1 the bound's gradient equals
     the ELBO's."""
-    vae, x = _vae(), _data()
+    vae, x = _vae(), tiny_data()
     for name, opts in (("reparam", {}), ("mvd", {}), ("dreg", {"num_samples": 4})):
         est = estimators.get(name, **opts)
         for kl in ("sampled", "analytic") if est.objective_kind == "mean" else ("sampled",):

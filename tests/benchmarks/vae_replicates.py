@@ -19,6 +19,21 @@ from torch import Tensor
 import estimators
 from benchmarks.harness.vae import VAE
 
+#: Pixels and examples of the tiny linear VAEs the unbiasedness tests enumerate or integrate.
+DATA_DIM = 6
+EXAMPLES = 2
+
+
+def tiny_data() -> Tensor:
+    """``[EXAMPLES, DATA_DIM]`` fixed binary data (float64)."""
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(EXAMPLES, DATA_DIM, generator=g) < 0.5).double()
+
+
+def linear_params(vae: VAE) -> list[Tensor]:
+    """The encoder's and decoder's weight and bias of a linear VAE, in a fixed order."""
+    return [vae.encoder[0].weight, vae.encoder[0].bias, vae.decoder[0].weight, vae.decoder[0].bias]
+
 
 def replicate_gradients(
     vae: VAE, x: Tensor, kl: str, est: estimators.EstimatorBase, replicates: int
