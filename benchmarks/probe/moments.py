@@ -302,7 +302,7 @@ def _output_gradients(
     head_rep = head.detach()[:, None].expand(b, m, head.shape[-1]).clone().requires_grad_()
     q = model.distribution(head_rep)  # batch [B, m]
     # A contiguous replicate of x: the per-pixel likelihood then broadcasts over the leading
-    # sample dimension only, where a broadcast over the middle one is about 1.5x slower.
+    # sample dimension only (a broadcast over the middle one is slower).
     x_rep = x[:, None].expand(b, m, *x.shape[1:]).contiguous()
     out = est(q, model.learning_signal(x_rep, q, kl), num_samples=num_samples, context=x_rep)
     (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)
