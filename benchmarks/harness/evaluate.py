@@ -5,9 +5,9 @@ One pass per batch of examples draws ``max(eval.num_samples, k)`` exact samples 
 ``eval.chunk`` at a time, and decodes each once: the IWAE bound uses the first ``k`` of them,
 the ELBO the first ``eval.num_samples`` (the same estimator as separate draws: each sample is
 an exact draw of ``q``). Chunks of about a thousand decoder rows (``eval.batch_size`` x
-``eval.chunk``) stay in the CPU's cache. A run
-evaluates with the same noise at every step (the caller passes one seed), so the differences
-along a curve are the model's, not the noise's.
+``eval.chunk``) stay in the CPU's cache. A run evaluates with the same noise at every step
+(the caller passes one seed), so the differences along a curve are the model's, not the
+noise's.
 """
 
 from __future__ import annotations
