@@ -4,6 +4,8 @@ every framework, blocks interleave, and a missing peer is one clear line (no tim
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -39,14 +41,21 @@ def test_peer_steps_train_the_linear_bernoulli_vae(framework: str, num_samples: 
     """A peer's step runs on the benchmark's model and batch and returns a finite loss whose
     per-example value is that of the harness's model at the same initialization (about 540
     nats: the same networks, data and prior), so the comparison times the same model."""
-    pytest.importorskip("pyro")
-    pytest.importorskip("storch")
-    import torch
-
-    with torch.random.fork_rng():
-        step = peers.STEPS[framework](num_samples)
-        loss = float(torch.as_tensor(step()).detach())
+    if missing := peers.missing_peers():  # found without importing them
+        pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[peers]')")
+    # In a child process: importing storch patches torch functions for the whole process
+    # (LazyLinear.to then fails), which would leak into every later test.
+    code = (
+        "import torch\n"
+        "from benchmarks.throughput import peers\n"
+        "with torch.random.fork_rng():\n"
+        f"    step = peers.STEPS[{framework!r}]({num_samples})\n"
+        "    loss = float(torch.as_tensor(step()).detach())\n"
+        f"print(loss, float(peers.harness_step({num_samples})().detach()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loss, harness = map(float, out.stdout.split()[-2:])
     per_example = loss / peers.BATCH if framework == "pyro" else loss  # Pyro sums the batch
     assert math.isfinite(per_example)
-    harness = float(peers.harness_step(num_samples)().detach())
     assert per_example == pytest.approx(harness, rel=0.02)
