@@ -4,6 +4,7 @@ temperature schedule), optimizer and device.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -19,6 +20,7 @@ from benchmarks.data.datasets import (
     load_dataset,
 )
 from benchmarks.harness.config import HARNESS_ESTIMATOR_KEYS, SCHEDULE_KEYS, OptimConfig
+from benchmarks.harness.eager_optim import eager_optimizer
 from benchmarks.harness.errors import ConfigError
 from benchmarks.harness.schedules import TemperatureSchedule
 from benchmarks.harness.vae import VAE
@@ -185,12 +187,20 @@ def make_optimizer(
     cfg = OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg)
     keys = [k for k in cfg if k not in ("batch_size", "fused")]
     factory = instantiate(OmegaConf.masked_copy(cfg, keys), _convert_="all")
+    if isinstance(factory, functools.partial) and _is_optimizer_class(factory.func):
+        factory = functools.partial(
+            eager_optimizer(factory.func), *factory.args, **factory.keywords
+        )  # torch's class without torch._dynamo's import (eager_optim)
     if cfg.fused is not None:
         return factory(params, fused=bool(cfg.fused)), bool(cfg.fused)
     try:
         return factory(params, fused=True), True
     except (RuntimeError, TypeError):
         return factory(params), False
+
+
+def _is_optimizer_class(target: Any) -> bool:
+    return isinstance(target, type) and issubclass(target, torch.optim.Optimizer)
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

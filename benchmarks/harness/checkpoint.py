@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from benchmarks.records.files import atomic_write, file_sha256, quarantine
@@ -246,6 +245,8 @@ def finished_problem(run_dir: Path, record: dict[str, Any]) -> str | None:
     if expected and file_sha256(metrics) != expected:
         return f"{METRICS} does not match the SHA-256 recorded at completion"
     try:
+        import pandas as pd  # only to verify a finished run: not on a job's way to step 1
+
         steps = pd.read_parquet(metrics, columns=["step"])["step"]
     except Exception as err:  # truncated, empty or not parquet
         return f"{METRICS} is unreadable ({type(err).__name__})"

@@ -71,6 +71,29 @@ class PointMass(Normal):
             return self.rsample(sample_shape)
 
 
+class ThresholdBernoulli(Bernoulli):
+    """``Bernoulli`` whose CPU samples are ``(U < p)`` with ``U = torch.rand(shape)``.
+
+    The same draws as ``torch.bernoulli(p)`` from the same generator state: on the CPU both
+    compare one uniform ``float`` per element, in element order, with ``p``, and leave the
+    generator in the same state (``tests/benchmarks/test_vae.py`` pins this), so every
+    record is unchanged. ``torch.rand`` fills the uniforms with vectorized code where
+    ``bernoulli`` draws them one call per element, so sampling costs a fraction. On other
+    devices (whose generators differ) it is ``torch.bernoulli`` itself. A NaN probability
+    samples 0 instead of raising; a run whose parameters turn non-finite is then found
+    diverged at its next sync point.
+    """
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        probs = self.probs
+        if probs.device.type != "cpu":
+            return super().sample(sample_shape)
+        shape = self._extended_shape(torch.Size(sample_shape))
+        with torch.no_grad():
+            u = torch.rand(shape, dtype=probs.dtype, device=probs.device)
+            return (u < probs).to(probs.dtype)
+
+
 class LatentPosterior(Independent):
     """``Independent`` whose ``log_prob`` remembers its last input and result (and which
     sums its one reinterpreted dimension directly).
@@ -196,7 +219,7 @@ class VAE(nn.Module):
         elif self.family == "deterministic":
             base = PointMass(out)
         elif self.family == "bernoulli":
-            base = Bernoulli(logits=out, validate_args=False)
+            base = ThresholdBernoulli(logits=out, validate_args=False)
         else:
             logits = out.unflatten(-1, (self.latent_dim, self.n_categories))  # [B, L, C]
             base = OneHotCategorical(logits=logits, validate_args=False)

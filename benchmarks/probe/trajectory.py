@@ -4,9 +4,13 @@ the ranking of their variances at one step.
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pandas is imported where a table is built, not on a training job's start
+    import pandas as pd
 
 # ------------------------------------------------------------ the trajectory probe (CLI)
 
@@ -32,6 +36,8 @@ def ranking_table(df: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
     """Per probed estimator at ``step`` (default: the last): grad_var and grad_var_per_feval
     with 95% intervals (value +- 1.96 SE), and each one's ratio to the smallest, with a
     delta-method 95% interval. Sorted by variance per f-evaluation."""
+    import pandas as pd
+
     rows = df[(df["split"] == "probe") & (df["param"] == "all")]
     rows = rows[~rows["probe_estimator"].str.startswith("reference:")]
     step = int(rows["step"].max()) if step is None else step

@@ -219,8 +219,10 @@ class HandwrittenStep:
                     loc.expand(self.S, *loc.shape), scale.expand(self.S, *loc.shape)
                 )
             probs = self.probs(h) if probs is None else probs
-            if self.family == "bernoulli":
+            if self.family == "bernoulli" and probs.device.type != "cpu":
                 return torch.bernoulli(probs.expand(self.S, *h.shape))
+            if self.family == "bernoulli":  # torch.bernoulli's draws, the harness's way
+                return (torch.rand(self.S, *h.shape, dtype=probs.dtype) < probs).to(probs.dtype)
             idx = torch.multinomial(probs.reshape(-1, self.C), self.S, True).T
             return F.one_hot(idx.reshape(self.S, *h.shape[:-1]), self.C).to(h.dtype)
 

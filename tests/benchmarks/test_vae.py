@@ -259,3 +259,37 @@ def test_detached_signal_has_fs_values_and_z_gradient_but_no_parameter_gradient(
     grads = torch.autograd.grad(value.sum(), list(vae.parameters()), allow_unused=True)
     assert all(g is None for g in grads)
     assert not hasattr(vae.learning_signal(x, q, "sampled"), "detached")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (7, 33), (4, 100, 200)])
+def test_bernoulli_posterior_draws_what_torch_bernoulli_draws(dtype, shape) -> None:
+    """The Bernoulli posterior's fast sampler (``U < p``) gives torch.bernoulli's samples
+    from the same generator state and leaves the generator where torch.bernoulli does, so
+    switching samplers changes no record."""
+    from benchmarks.harness.vae import ThresholdBernoulli
+
+    g = torch.Generator().manual_seed(11)
+    logits = 3 * torch.randn(shape[-2:] if len(shape) > 1 else shape, generator=g, dtype=dtype)
+    logits[..., 0] = math.inf  # p = 1 exactly
+    if logits.shape[-1] > 1:
+        logits[..., 1] = -math.inf  # p = 0 exactly
+    q = ThresholdBernoulli(logits=logits, validate_args=False)
+    sample_shape = shape[: len(shape) - logits.dim()]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = torch.bernoulli(q.probs.expand(*sample_shape, *logits.shape))
+        after_expected = torch.rand(5, dtype=dtype)
+        torch.manual_seed(seed)
+        got = q.sample(sample_shape)
+        after = torch.rand(5, dtype=dtype)
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.equal(got, expected)
+        assert torch.equal(after, after_expected)
+
+
+def test_vae_samples_bernoulli_latents_with_the_fast_sampler() -> None:
+    vae = _tiny("bernoulli")
+    from benchmarks.harness.vae import ThresholdBernoulli
+
+    assert isinstance(vae.encode(_binary(3, 12)).base_dist, ThresholdBernoulli)
