@@ -83,6 +83,25 @@ def count_completed(sweep_dir: Path) -> int:
     return n
 
 
+def phase_totals(sweep_dir: Path) -> dict[str, Any]:
+    """From the runs' ``run.json`` ``timing`` (commits that record it): each phase's seconds
+    summed over the runs, and the largest and median start-up of one run; empty without."""
+    timings = []
+    for path in sweep_dir.rglob("run.json"):
+        try:
+            timing = json.loads(path.read_text()).get("timing")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(timing, dict) and timing:
+            timings.append(timing)
+    if not timings:
+        return {}
+    totals = {k: sum(t.get(k, 0.0) for t in timings) for k in timings[0]}
+    startups = [t.get("startup_s", 0.0) for t in timings]
+    return {"phase_seconds": totals, "startup_max_s": max(startups),
+            "startup_median_s": statistics.median(startups)}  # fmt: skip
+
+
 def time_sweep(tree: Path, sweep_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Run the quick sweep of ``tree`` into ``sweep_dir``; its wall and CPU seconds."""
     cmd = [sys.executable, "-m", "benchmarks.train", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
@@ -102,6 +121,7 @@ def time_sweep(tree: Path, sweep_dir: Path, overrides: Sequence[str]) -> dict[st
         "loadavg_before": load,
         "returncode": proc.returncode,
         "completed_runs": count_completed(sweep_dir),
+        **phase_totals(sweep_dir),
     }
 
 
@@ -129,8 +149,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         pairs.setdefault(r["repeat"], {})[r["side"]] = r["seconds"]
     per_repeat = [p["current"] / p["baseline"] for _, p in sorted(pairs.items()) if len(p) == 2]
     completed = {r["completed_runs"] for r in rows}
+    train = [r["phase_seconds"]["train_s"] for r in by["current"] if r.get("phase_seconds")]
+    workers = os.cpu_count() or 1  # the joblib launcher's default: one job per core
+    # Training alone, spread over the workers: no sweep of these runs can take less.
+    floor = statistics.median(train) / workers if train else None
     return {
         "median_seconds": median,
+        "training_floor_s": floor,
+        "training_floor_ratio": floor / median["baseline"] if floor else None,
+        "workers": workers,
         "ratio": median["current"] / median["baseline"],
         "ratio_per_repeat": per_repeat,
         "all_ok": all(r["returncode"] == 0 for r in rows) and len(completed) == 1,
@@ -159,6 +186,26 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], command: str) 
         f"ok: {summary['all_ok']}; highest load average before a sweep: "
         f"{summary['max_loadavg_before']:.2f}.", "",
     ]  # fmt: skip
+    current = [r for r in rows if r["side"] == "current" and r.get("phase_seconds")]
+    if current:
+        lines += ["Current side, seconds per phase summed over each sweep's runs (`run.json` "
+                  "`timing`) and start-up per run:", "",
+                  "| repeat | startup | train | eval | probe | checkpoint | start-up max | "
+                  "start-up median |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in current:
+            p = r["phase_seconds"]
+            lines.append(
+                f"| {r['repeat']} | " + " | ".join(f"{p.get(k + '_s', 0.0):.1f}" for k in
+                ("startup", "train", "eval", "probe", "checkpoint"))
+                + f" | {r['startup_max_s']:.2f} | {r['startup_median_s']:.2f} |"
+            )  # fmt: skip
+        lines += [
+            "",
+            f"Training alone spread over {summary['workers']} workers: "
+            f"{summary['training_floor_s']:.1f} s, {summary['training_floor_ratio']:.3f} "
+            "of the baseline's median sweep (no sweep of these runs can be faster).",
+            "",
+        ]
     return "\n".join(lines)
 
 

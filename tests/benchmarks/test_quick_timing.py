@@ -73,3 +73,28 @@ def test_a_tiny_sweep_pair_against_head_writes_the_record(tmp_path: Path) -> Non
     assert [r["side"] for r in data["records"]] == ["baseline", "current"]
     assert all(r["completed_runs"] == 2 for r in data["records"])
     assert data["summary"]["ratio"] > 0 and out.with_suffix(".md").is_file()
+    current = data["records"][1]  # the phases summed over the two runs' run.json timing
+    assert set(current["phase_seconds"]) >= {"startup_s", "train_s", "eval_s", "probe_s"}
+    assert 0 < current["startup_median_s"] <= current["startup_max_s"]
+    assert 0 < data["summary"]["training_floor_s"] <= current["phase_seconds"]["train_s"]
+    assert "Training alone spread over" in out.with_suffix(".md").read_text()
+
+
+def test_phase_totals_sum_the_runs_timing_and_skip_runs_without_it(tmp_path: Path) -> None:
+    """Each phase is summed over the runs that record a ``timing``; start-up max and median
+    are per run; a sweep of runs without ``timing`` (an older commit) gives nothing."""
+    for i, timing in enumerate(
+        [{"startup_s": 1.0, "train_s": 10.0}, {"startup_s": 3.0, "train_s": 12.0},
+         {"startup_s": 2.0, "train_s": 11.0}, None]
+    ):  # fmt: skip
+        run = tmp_path / str(i)
+        run.mkdir()
+        record = {"status": "completed"} | ({"timing": timing} if timing else {})
+        (run / "run.json").write_text(json.dumps(record))
+    got = qt.phase_totals(tmp_path)
+    assert got["phase_seconds"] == {"startup_s": 6.0, "train_s": 33.0}
+    assert (got["startup_max_s"], got["startup_median_s"]) == (3.0, 2.0)
+    (tmp_path / "3" / "run.json").write_text("{}")
+    for i in range(3):
+        (tmp_path / str(i) / "run.json").write_text('{"status": "completed"}')
+    assert qt.phase_totals(tmp_path) == {}
