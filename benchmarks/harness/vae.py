@@ -22,9 +22,8 @@ bounds with exact samples of ``q``, independently of how the model was trained.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +47,6 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 KL_MODES: tuple[str, ...] = ("analytic", "sampled")
 #: The model families: the latent families the estimators know, and the plain autoencoder.
 MODEL_FAMILIES: tuple[str, ...] = (*FAMILIES, "deterministic")
-#: Decoder rows per block of a blocked log-likelihood (:meth:`VAE.blocked_likelihood`): a
-#: ``[rows, 784]`` float32 temporary is then about 1 MiB, the size of a core's cache.
-LIKELIHOOD_BLOCK_ROWS = 320
 #: How a Gaussian encoder's second output gives the scale (``model.scale``).
 SCALES: tuple[str, ...] = ("softplus", "log_var")
 
@@ -271,62 +267,12 @@ class VAE(nn.Module):
                 z = layer(z)
         return z
 
-    #: Set by :meth:`blocked_likelihood`: decoder rows per block of :meth:`log_likelihood`.
-    likelihood_block_rows: int | None = None
-
-    @contextlib.contextmanager
-    def blocked_likelihood(self, rows: int = LIKELIHOOD_BLOCK_ROWS) -> Iterator[None]:
-        """Within: :meth:`log_likelihood` of more than ``rows`` decoder rows goes through in
-        blocks of contiguous rows (about ``rows`` each), so that its ``[rows, D]``
-        temporaries stay in cache instead of making several passes through memory.
-
-        A row's value does not depend on the block it is computed in (the same matrix
-        products row by row, the same element-wise ops), so values and gradients with respect
-        to ``z`` are bit for bit those of one call (``tests/benchmarks/test_vae.py``) when a
-        row's pixels fill whole vector registers (784 = 49 x 16); otherwise a few pixels'
-        ``exp`` may be computed by the scalar instead of the vectorized code and differ in
-        the last bit. (MKL computes a product of one to three rows another way, so blocks
-        are even and never that small.) The
-        gradient of the decoder's parameters would be summed block by block (another order
-        of the same sum), so this is for callers that do not train the decoder: the probe.
-        """
-        previous, self.likelihood_block_rows = self.likelihood_block_rows, rows
-        try:
-            yield
-        finally:
-            self.likelihood_block_rows = previous
-
     def log_likelihood(self, x: Tensor, z: Tensor, detached: bool = False) -> Tensor:
         """``log p(x|z) = sum_d log Bernoulli(x_d; sigmoid(logit_d(z)))``: ``[*S, B]``.
 
-        One fused ``binary_cross_entropy_with_logits`` over all samples (in row blocks
-        within :meth:`blocked_likelihood`); ``z`` may be relaxed. ``x`` is ``[*B, D]`` and
-        ``z`` ``[*S, *B, *event]``. ``detached``: the decoder's parameters get no gradient.
+        One fused ``binary_cross_entropy_with_logits`` over all samples; ``z`` may be relaxed.
+        ``detached``: the decoder's parameters get no gradient.
         """
-        rows = self.likelihood_block_rows
-        event = 2 if self.family == "categorical" else 1
-        lead = z.dim() - event - (x.dim() - 1)  # sample dims in front of x's batch dims
-        batch = z.shape[max(lead, 0) : z.dim() - event]
-        if (
-            rows is None
-            or lead < 0
-            or x.dim() < 2
-            or batch != x.shape[:-1]
-            or math.prod(z.shape[: z.dim() - event]) <= rows
-        ):
-            return self._log_likelihood(x, z, detached)
-        per_index = math.prod(z.shape[lead + 1 : z.dim() - event])  # rows per index of dim B0
-        step = max(1, rows // max(per_index, 1))
-        step = -(-x.shape[0] // -(-x.shape[0] // step))  # even blocks: no block of a few rows
-        starts = range(0, x.shape[0], step)
-        per_sample = [
-            torch.cat([self._log_likelihood(x[b : b + step], zs[b : b + step], detached)
-                       for b in starts])
-            for zs in z.reshape(-1, *z.shape[lead:])
-        ]  # fmt: skip
-        return torch.stack(per_sample).reshape(*z.shape[:lead], *x.shape[:-1])
-
-    def _log_likelihood(self, x: Tensor, z: Tensor, detached: bool) -> Tensor:
         logits = self.decode(z, detached)  # [*S, B, D]
         target = x.expand_as(logits)
         return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)

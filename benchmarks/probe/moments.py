@@ -4,7 +4,6 @@ moments, accumulated per jackknife group without materializing the ``M x P`` mat
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 from collections.abc import Callable, Iterator
@@ -305,11 +304,8 @@ def _output_gradients(
     # A contiguous replicate of x: the per-pixel likelihood then broadcasts over the leading
     # sample dimension only (a broadcast over the middle one is slower).
     x_rep = x[:, None].expand(b, m, *x.shape[1:]).contiguous()
-    blocked = getattr(model, "blocked_likelihood", contextlib.nullcontext)
-    with blocked():  # the decoder's parameters get no gradient here: cache-sized row blocks
-        out = est(q, model.learning_signal(x_rep, q, kl), num_samples=num_samples,
-                  context=x_rep)  # fmt: skip
-        (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)
+    out = est(q, model.learning_signal(x_rep, q, kl), num_samples=num_samples, context=x_rep)
+    (delta,) = torch.autograd.grad(out.surrogate.sum() / b, head_rep)
     return delta, out.f_evals
 
 

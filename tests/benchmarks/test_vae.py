@@ -293,32 +293,3 @@ def test_vae_samples_bernoulli_latents_with_the_fast_sampler() -> None:
     from benchmarks.harness.vae import ThresholdBernoulli
 
     assert isinstance(vae.encode(_binary(3, 12)).base_dist, ThresholdBernoulli)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("arch", ["linear", "nonlinear"])
-def test_blocked_likelihood_gives_the_same_values_and_z_gradients_bit_for_bit(
-    family: str, arch: str
-) -> None:
-    """Within ``blocked_likelihood`` the log-likelihood of many decoder rows is computed in
-    row blocks (the probe's cache-sized evaluation): the values and their gradient with
-    respect to ``z`` equal one call's exactly, for the probe's layout ``x [B, m, D]``,
-    ``z [S, B, m, *event]`` and for training's ``x [B, D]``, ``z [S, B, *event]``, when a
-    row's ``D`` pixels fill whole vector registers (``D = 32``; MNIST's 784 = 49 x 16): else
-    the vectorized and scalar ``exp`` of a row's last pixels may round differently."""
-    vae = _tiny(family, arch, data_dim=32)
-    x = _binary(24 * 5, 32).reshape(24, 5, 32)
-    for xs, sample_shape in ((x, (3,)), (x[:, 0].contiguous(), (5,))):
-        q = vae.encode(xs)
-        z = q.rsample(sample_shape) if family == "gaussian" else q.sample(sample_shape)
-        z = z.detach().requires_grad_()
-        plain = vae.log_likelihood(xs, z)
-        (plain_grad,) = torch.autograd.grad(plain.square().sum(), z)
-        for rows in (8, 20, 50, 10_000):
-            with vae.blocked_likelihood(rows):
-                blocked = vae.log_likelihood(xs, z)
-                (blocked_grad,) = torch.autograd.grad(blocked.square().sum(), z)
-            assert vae.likelihood_block_rows is None
-            assert blocked.shape == plain.shape
-            assert torch.equal(blocked, plain), rows
-            assert torch.equal(blocked_grad, plain_grad), rows
