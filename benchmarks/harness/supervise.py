@@ -322,6 +322,7 @@ def _supervise(
         for sig in received:  # arrived while forking
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, sig)
+        _warm_up_after_fork()
         with os.fdopen(read_end, "rb") as pipe:  # EOF once the child has exited
             usage = pipe.read().decode(errors="replace")
         _, wait_status = os.waitpid(child, 0)
@@ -361,9 +362,10 @@ _warmed = False
 
 
 def _warm_up(dataset: str = "") -> None:
-    """Do once, in the supervisor, the lazy imports every run triggers (``torch.optim``
-    imports ``torch._dynamo``: about 3 s here; pyarrow for the metrics file), so that forked
-    children inherit them instead of repeating them; and create tqdm's multiprocessing lock
+    """Do once, in the supervisor, the lazy imports every run triggers (the optimizer's
+    modules, as :func:`.build.make_optimizer` builds it: without ``torch._dynamo``; pyarrow
+    for the metrics file), so that forked children inherit them instead of repeating them;
+    and create tqdm's multiprocessing lock
     here, where it is released at exit (a child leaves with ``os._exit``). No tensor work
     happens here: a child forked after its parent ran OpenMP threads can deadlock. A built-in
     ``dataset`` is parsed here once per process (numpy only), not in every child."""
@@ -379,9 +381,18 @@ def _warm_up(dataset: str = "") -> None:
     import torch
     from tqdm import tqdm
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    from benchmarks.harness.eager_optim import eager_optimizer
+
+    eager_optimizer(torch.optim.Adam)([torch.zeros(1, requires_grad=True)])
     tqdm.get_lock()
     _warmed = True
+
+
+def _warm_up_after_fork() -> None:
+    """While the first child trains: import what every run imports only after its first step
+    (pandas, to write the metrics file), so later children inherit it; the first child's
+    start-up is not made to wait for it."""
+    import pandas  # noqa: F401
 
 
 def _child(
