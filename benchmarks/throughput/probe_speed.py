@@ -23,6 +23,49 @@ import pandas as pd
 
 #: Target speed-up per estimator (issue 18); the others need 2x.
 TARGETS = {"reinforce": 3.0, "rloo": 3.0}
+#: Score-function cases whose bound is measured (:func:`kernels`): name -> samples per estimate.
+BOUNDED = {"reinforce": 1, "rloo": 2}
+
+
+def kernels(model: Any, x: Any, num_estimates: int, num_samples: int, chunk: int) -> Any:
+    """The arithmetic that any batched probe of a score-function estimator of the linear
+    Bernoulli VAE must do, ``chunk`` estimates at a time, as plain tensor calls (no autograd,
+    no distributions): ``S`` Bernoulli samples per example and estimate, the decoder's
+    logits and the likelihood ``-BCE`` of each, the score-function coefficients
+    ``(f - mean_S f)(z - p)`` per example, and the last layer's per-estimate gradients
+    ``delta_m^T x`` formed :data:`~benchmarks.probe.moments.SQUARE_ROWS` rows at a time and
+    summed with their squares. The loop's time over this is the largest speed-up that a
+    batched probe computing the same per-coordinate moments can reach."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.probe.moments import SQUARE_ROWS
+
+    enc, dec = model.encoder[-1], model.decoder[-1]
+    b, d = x.shape
+    h = enc.weight.shape[0]
+
+    def run() -> Any:
+        with torch.no_grad():
+            probs = torch.sigmoid(F.linear(x, enc.weight, enc.bias))[:, None]  # [B, 1, H]
+            sums = x.new_zeros(h, d)
+            squares = x.new_zeros(h, d)
+            for done in range(0, num_estimates, chunk):
+                m = min(chunk, num_estimates - done)
+                z = (torch.rand(num_samples, b, m, h) < probs).float()  # [S, B, m, H]
+                logits = F.linear(z, dec.weight, dec.bias)  # [S, B, m, D]
+                target = x[:, None].expand(b, m, d).contiguous().expand_as(logits)
+                f = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+                centred = f - f.mean(0) if num_samples > 1 else f
+                delta = (centred[..., None] * (z - probs)).sum(0) / b  # [B, m, H]
+                per = delta.permute(2, 1, 0).contiguous()  # [H, m, B]
+                for r in range(0, h, SQUARE_ROWS):
+                    g = per[r : r + SQUARE_ROWS] @ x  # [rows, m, D]
+                    sums[r : r + SQUARE_ROWS] += g.sum(1)
+                    squares[r : r + SQUARE_ROWS] += g.square_().sum(1)
+        return sums, squares
+
+    return run
 
 
 def measure(num_estimates: int, blocks: int, chunk: int, device: str) -> list[dict[str, Any]]:
@@ -47,6 +90,11 @@ def measure(num_estimates: int, blocks: int, chunk: int, device: str) -> list[di
 
             load = os.getloadavg()[0]
             r = interleaved_ratio(loop, batched, blocks, block_seconds=0, warmup=1, min_steps=1)
+            bound = None
+            if name in BOUNDED:
+                arithmetic = kernels(model, x, num_estimates, BOUNDED[name], chunk)
+                bound = interleaved_ratio(loop, arithmetic, blocks, block_seconds=0, warmup=1,
+                                          min_steps=1)  # fmt: skip
             target = TARGETS.get(name, 2.0)
             rows.append({
                 "estimator": name, "family": family, "num_estimates": num_estimates,
@@ -55,9 +103,13 @@ def measure(num_estimates: int, blocks: int, chunk: int, device: str) -> list[di
                 "speedup": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                 "target": target, "meets_target": r["ratio"] >= target,
                 "block_ratios": r["ratios"], "loadavg_1m_start": load,
+                "kernels_s": None if bound is None else bound["b_ms"] / 1e3,
+                "bound": None if bound is None else bound["ratio"],
+                "bound_ci": None if bound is None else [bound["ci_low"], bound["ci_high"]],
             })  # fmt: skip
             times = f"loop {r['a_ms'] / 1e3:7.2f} s  batched {r['b_ms'] / 1e3:7.2f} s"
-            print(f"{name:15s} {times}  x{r['ratio']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+            print(f"{name:15s} {times}  x{r['ratio']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+                  + ("" if bound is None else f"  bound x{bound['ratio']:.2f}"),
                   flush=True)  # fmt: skip
     return rows
 
@@ -70,15 +122,22 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         [r["estimator"], r["family"], r["num_estimates"], r["batch_size"],
          f"{r['loop_s']:.2f}", f"{r['batched_s']:.2f}", f"{r['speedup']:.2f}",
          f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]", f">= {r['target']:g}",
-         "yes" if r["meets_target"] else "no"]
+         "yes" if r["meets_target"] else "no",
+         "—" if r.get("bound") is None else
+         f"{r['bound']:.2f} [{r['bound_ci'][0]:.2f}, {r['bound_ci'][1]:.2f}]"]
         for r in rows
     ], columns=["estimator", "family", "M", "B", "loop (s)", "batched (s)", "loop / batched",
-                "95% CI", "target", "met"])  # fmt: skip
+                "95% CI", "target", "met", "loop / kernels (bound)"])  # fmt: skip
     return (
         f"# Probe speed-up on {machine['device']} (1 thread)\n\n"
         "Interleaved blocks of one call each: M gradient estimates of the encoder by the naive "
         "loop and by the batched probe (`benchmarks/probe/moments.py`); speed-up = median over "
-        "blocks of loop / batched, 95% bootstrap interval. Linear VAE 784-200.\n\n"
+        "blocks of loop / batched, 95% bootstrap interval. Linear VAE 784-200. For the "
+        "score-function cases, `loop / kernels` times the loop against the arithmetic any "
+        "batched probe of them must do (samples, decoder products, likelihoods, the last "
+        "layer's per-estimate gradients and their squares, as plain tensor calls: "
+        "`probe_speed.kernels`): the largest speed-up that computing the same moments "
+        "allows.\n\n"
         f"- date: {machine['date']}; commit {machine.get('git_commit')} (dirty: "
         f"{machine.get('git_dirty')}); load average before: {machine['loadavg_before']}, "
         f"after: {machine['loadavg_after']}\n"

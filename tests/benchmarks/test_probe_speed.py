@@ -1,0 +1,49 @@
+"""The probe-speed measurement's bound (``probe_speed.kernels``): it computes the per-estimate
+score-function gradients of the last layer and their squares, not less (no timing asserts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.throughput import probe_speed
+from benchmarks.throughput.bench_probe import probe_case
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_the_kernels_bound_sums_the_score_function_gradients_and_their_squares(
+    num_samples: int,
+) -> None:
+    """For 5 estimates in chunks of 2, the bound's sums and sums of squares equal those of
+    the per-estimate gradients ``(1/B) sum_b c_b (z_b - p_b) x_b^T`` with ``c = f`` (one
+    sample) or ``f - mean_S f`` (several), rebuilt by autograd of the score-function
+    surrogate from the same draws."""
+    model, x, _ = probe_case("reinforce", {}, "bernoulli")
+    run = probe_speed.kernels(model, x, num_estimates=5, num_samples=num_samples, chunk=2)
+    torch.manual_seed(3)
+    sums, squares = run()
+    torch.manual_seed(3)
+    enc, dec = model.encoder[-1], model.decoder[-1]
+    grads = []
+    for m in (2, 2, 1):  # the chunks' draws, in order
+        probs = torch.sigmoid(F.linear(x, enc.weight, enc.bias)).detach()
+        z = (torch.rand(num_samples, x.shape[0], m, probs.shape[1]) < probs[:, None]).float()
+        for j in range(m):
+            w = enc.weight.detach().clone().requires_grad_()
+            logits = F.linear(x, w, enc.bias.detach())
+            zj = z[:, :, j]  # [S, B, H]
+            with torch.no_grad():
+                out = F.linear(zj, dec.weight, dec.bias)
+                f = -F.binary_cross_entropy_with_logits(
+                    out, x.expand_as(out), reduction="none"
+                ).sum(-1)  # [S, B]
+                c = f - f.mean(0) if num_samples > 1 else f
+            log_q = -F.binary_cross_entropy_with_logits(
+                logits.expand_as(zj), zj, reduction="none"
+            ).sum(-1)  # [S, B]
+            ((c * log_q).sum() / x.shape[0]).backward()
+            grads.append(w.grad)
+    g = torch.stack(grads)  # [M, H, D]
+    torch.testing.assert_close(sums, g.sum(0), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
