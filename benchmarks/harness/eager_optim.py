@@ -22,15 +22,10 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-
-def _code(wrapper: Callable[..., Any]) -> Any:
-    return wrapper.__code__
-
-
-#: The code objects of the two wrappers (what a decorated method's ``__code__`` is).
-_DISABLE_DYNAMO = _code(torch._disable_dynamo(lambda: None))
-_USE_GRAD = _code(_use_grad_for_differentiable(lambda self: None))
-_PROFILE_HOOK = _code(Optimizer.profile_hook_step(lambda self: None))
+#: The code objects of torch's wrappers (what a decorated method's ``__code__`` is).
+_DISABLE_DYNAMO = torch._disable_dynamo(lambda: None).__code__
+_USE_GRAD = _use_grad_for_differentiable(lambda self: None).__code__
+_PROFILE_HOOK = Optimizer.profile_hook_step(lambda self: None).__code__
 
 
 def _unwrap(method: Callable[..., Any]) -> tuple[Callable[..., Any], bool]:

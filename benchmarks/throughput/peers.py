@@ -315,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.blocks < 3:
         parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3")
+    if not args.block_seconds > 0:
+        parser.error(f"--block-seconds={args.block_seconds} is invalid; allowed: a number > 0")
     if args.profile:
         retain_freed_memory()
         with torch_threads(1):

@@ -163,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3")
     if args.num_estimates < 40:
         parser.error(f"--num-estimates={args.num_estimates} is invalid; allowed: >= 40")
+    if args.chunk < 1:
+        parser.error(f"--chunk={args.chunk} is invalid; allowed: an integer >= 1")
     machine = machine_before(args.device, args.note)
     rows = measure(args.num_estimates, args.blocks, args.chunk, args.device)
     machine["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]

@@ -35,6 +35,21 @@ def test_missing_peers_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path) -> 
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["--block-seconds", "0"], "--block-seconds=0.0"), (["--blocks", "2"], "--blocks=2")],
+)
+def test_bad_options_are_one_line_and_exit_2(argv, needle, capsys, tmp_path) -> None:
+    """Blocks of no time (or too few blocks): one line naming the option and the allowed
+    values, exit 2, before any step is built or anything written."""
+    with pytest.raises(SystemExit) as exc:
+        peers.main([*argv, "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert needle in err and "allowed" in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("num_samples", [1, 2])
 @pytest.mark.parametrize("framework", ["pyro", "storchastic"])
 def test_peer_steps_train_the_linear_bernoulli_vae(framework: str, num_samples: int) -> None:

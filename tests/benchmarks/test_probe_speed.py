@@ -47,3 +47,21 @@ def test_the_kernels_bound_sums_the_score_function_gradients_and_their_squares(
     g = torch.stack(grads)  # [M, H, D]
     torch.testing.assert_close(sums, g.sum(0), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["--chunk", "0"], "--chunk=0"), (["--blocks", "2"], "--blocks=2"),
+     (["--num-estimates", "10"], "--num-estimates=10")],
+)  # fmt: skip
+def test_bad_options_are_one_line_and_exit_2_before_any_work(
+    argv, needle, capsys, tmp_path
+) -> None:
+    """A chunk below 1 (which would never advance), too few blocks or estimates: one line
+    naming the option and the allowed values, exit 2, nothing measured or written."""
+    with pytest.raises(SystemExit) as exc:
+        probe_speed.main([*argv, "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert needle in err and "allowed" in err
+    assert not list(tmp_path.iterdir())
