@@ -365,10 +365,10 @@ def _warm_up(dataset: str = "") -> None:
     """Do once, in the supervisor, the lazy imports every run triggers (the optimizer's
     modules, as :func:`.build.make_optimizer` builds it: without ``torch._dynamo``; pyarrow
     for the metrics file), so that forked children inherit them instead of repeating them;
-    and create tqdm's multiprocessing lock
-    here, where it is released at exit (a child leaves with ``os._exit``). No tensor work
-    happens here: a child forked after its parent ran OpenMP threads can deadlock. A built-in
-    ``dataset`` is parsed here once per process (numpy only), not in every child."""
+    and create tqdm's multiprocessing lock here, where it is released at exit (a child leaves
+    with ``os._exit``). No tensor work happens here: a child forked after its parent ran
+    OpenMP threads can deadlock. A built-in ``dataset`` is parsed here once per process (numpy
+    only), not in every child."""
     global _warmed
     if dataset:
         from benchmarks.data.datasets import prefetch

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness.timing import PHASES
 from benchmarks.records.files import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,13 +191,12 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], command: str) 
     if current:
         lines += ["Current side, seconds per phase summed over each sweep's runs (`run.json` "
                   "`timing`) and start-up per run:", "",
-                  "| repeat | startup | train | eval | probe | checkpoint | start-up max | "
-                  "start-up median |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| repeat | " + " | ".join(PHASES) + " | start-up max | start-up median |",
+                  "|---" * (len(PHASES) + 3) + "|"]  # fmt: skip
         for r in current:
             p = r["phase_seconds"]
             lines.append(
-                f"| {r['repeat']} | " + " | ".join(f"{p.get(k + '_s', 0.0):.1f}" for k in
-                ("startup", "train", "eval", "probe", "checkpoint"))
+                f"| {r['repeat']} | " + " | ".join(f"{p.get(k + '_s', 0.0):.1f}" for k in PHASES)
                 + f" | {r['startup_max_s']:.2f} | {r['startup_median_s']:.2f} |"
             )  # fmt: skip
         lines += [
