@@ -149,6 +149,13 @@ class EstimatorBase(nn.Module):
     #: ``create_graph=True``: REBAR / RELAX train their control variate on the estimator's
     #: variance); ``torch.compile`` cannot trace that, so the harness refuses ``compile=true``.
     double_backward: ClassVar[bool] = False
+    #: Whether the caller reads ``Estimate.objective``. A caller that needs only the
+    #: surrogate's gradient (the gradient probe) sets it to ``False`` on its own copy; an
+    #: estimator that evaluates ``f`` for the objective alone (the relaxed Gumbel-softmax, at
+    #: the hard samples) then skips that evaluation and returns a NaN objective. The
+    #: surrogate, the random draws and ``f_evals`` (the cost of the estimator as trained) are
+    #: unchanged.
+    objective_wanted: bool = True
 
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()

@@ -10,6 +10,8 @@ it); the tests pin the law by quadrature.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -96,8 +98,11 @@ class GumbelSoftmax(EstimatorBase):
             fz = f((hard - y.detach() + y).to(dtype))  # forward: hard; backward: relaxed
             return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
         fz = f(y.to(dtype))
-        with torch.no_grad():
-            objective = f(hard.to(dtype)).mean(0)
+        if not self.objective_wanted:  # f at the hard samples serves the objective only
+            objective = fz.detach().new_full(fz.shape[1:], math.nan)
+        else:
+            with torch.no_grad():
+                objective = f(hard.to(dtype)).mean(0)
         return Estimate(objective, fz.mean(0), None, 2 * num_samples)
 
     def extra_repr(self) -> str:

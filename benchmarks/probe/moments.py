@@ -200,7 +200,8 @@ def gradient_moments(
     encoder ends in a linear layer, that layer's moments are summed from ``delta`` and the
     layer's input a few rows at a time (:func:`_last_layer_moments`); the layers before it
     (if any) get one batched vector-Jacobian product per chunk. Estimates are centred on the
-    mean of the first chunk before squares are summed.
+    mean of the first chunk before squares are summed. The estimator's copy is told that its
+    objective is not read (``objective_wanted``), so it may skip work done for it alone.
     """
     if num_estimates < 2 * groups:
         raise ValueError(
@@ -208,6 +209,7 @@ def gradient_moments(
             f"(two estimates per jackknife group, probe.groups={groups})"
         )
     est = copy.deepcopy(estimator).eval()
+    est.objective_wanted = False  # only the surrogate's gradient is used
     if part == "decoder":
         return _decoder_moments(model, x, est, num_estimates, kl, num_samples, groups, chunk)
     named = _encoder_params(model)

@@ -166,6 +166,37 @@ def test_batched_probe_agrees_with_naive_loop(family, name) -> None:
     assert abs(_value(rb, "grad_var") - _value(rl, "grad_var")) <= Z * se_var
 
 
+def test_batched_probe_tells_its_copy_that_the_objective_is_not_read(monkeypatch) -> None:
+    """The batched probe calls its copy of the estimator with ``objective_wanted = False``
+    (Gumbel-softmax then evaluates ``f`` once per estimate, not twice) and leaves the
+    caller's estimator as it was; the loop, the naive reference, keeps the full call."""
+    model, x = _tiny_vae()
+    est = estimators.get("gumbel_softmax")
+    seen = []
+    original = type(est).estimate
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.objective_wanted)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(est), "estimate", spy)
+    calls = []
+    signal = model.learning_signal
+
+    def counted_signal(*args):
+        f = signal(*args)
+        return lambda z: calls.append(1) or f(z)
+
+    monkeypatch.setattr(model, "learning_signal", counted_signal)
+    moments = gradient_moments(model, x, est, 40, chunk=20)
+    assert seen == [False, False] and len(calls) == 2 and moments.f_evals == 2
+    assert est.objective_wanted is True
+    seen.clear()
+    calls.clear()
+    gradient_moments_loop(model, x, est, 40)
+    assert seen == [True] * 40 and len(calls) == 80
+
+
 def test_batched_probe_is_exact_when_estimates_are_deterministic() -> None:
     """With (numerically) deterministic latents every estimate equals the one gradient of the
     naive pass: the batched VJP reproduces it to float precision and has zero variance."""

@@ -78,6 +78,34 @@ def test_objective_uses_hard_samples_and_counts_both_evaluations() -> None:
     assert out.f_evals == 6
 
 
+def test_objective_not_wanted_skips_only_the_hard_evaluation() -> None:
+    """With ``objective_wanted = False`` the relaxed estimator calls ``f`` once (relaxed
+    samples), returns a NaN objective, and gives the same surrogate, gradient, f_evals and
+    generator state as the full call from the same seed."""
+    results = []
+    for wanted in (True, False):
+        logits = torch.linspace(-1.0, 1.0, 10).reshape(2, 5).requires_grad_()
+        dist = Independent(OneHotCategorical(logits=logits), 1)
+        calls = []
+
+        def f(z, calls=calls):
+            calls.append(z.detach())
+            return (z[..., 0] * torch.arange(1.0, 3.0)).sum(-1)
+
+        est = estimators.get("gumbel_softmax", temperature=0.7)
+        est.objective_wanted = wanted
+        torch.manual_seed(5)
+        out = est(dist, f, num_samples=3)
+        out.surrogate.sum().backward()
+        results.append((out, logits.grad, torch.rand(1), len(calls)))
+    (full, grad_full, next_full, n_full), (lean, grad_lean, next_lean, n_lean) = results
+    assert (n_full, n_lean) == (2, 1)
+    assert torch.isnan(lean.objective).all() and lean.objective.shape == full.objective.shape
+    assert not torch.isnan(full.objective).any()
+    assert torch.equal(lean.surrogate, full.surrogate) and torch.equal(grad_lean, grad_full)
+    assert lean.f_evals == full.f_evals == 6 and torch.equal(next_lean, next_full)
+
+
 def test_straight_through_forward_is_hard_and_backward_is_relaxed() -> None:
     """With straight_through, f sees exact one-hot values and gradients still reach logits."""
     logits = torch.randn(6, 4, requires_grad=True)
