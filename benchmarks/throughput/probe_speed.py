@@ -23,41 +23,67 @@ import pandas as pd
 
 #: Target speed-up per estimator (issue 18); the others need 2x.
 TARGETS = {"reinforce": 3.0, "rloo": 3.0}
-#: Score-function cases whose bound is measured (:func:`kernels`): name -> samples per estimate.
-BOUNDED = {"reinforce": 1, "rloo": 2}
+#: Cases whose bound is measured (:func:`kernels`): name -> (coefficient, samples per estimate).
+BOUNDED = {"reinforce": ("score", 1), "rloo": ("score", 2), "disarm": ("disarm", 1)}
+COEFFICIENTS = ("score", "disarm")
 
 
-def kernels(model: Any, x: Any, num_estimates: int, num_samples: int, chunk: int) -> Any:
-    """The arithmetic that any batched probe of a score-function estimator of the linear
-    Bernoulli VAE must do, ``chunk`` estimates at a time, as plain tensor calls (no autograd,
-    no distributions): ``S`` Bernoulli samples per example and estimate, the decoder's
-    logits and the likelihood ``-BCE`` of each, the score-function coefficients
-    ``(f - mean_S f)(z - p)`` per example, and the last layer's per-estimate gradients
-    ``delta_m^T x`` formed :data:`~benchmarks.probe.moments.SQUARE_ROWS` rows at a time and
-    summed with their squares. The loop's time over this is the largest speed-up that a
-    batched probe computing the same per-coordinate moments can reach."""
+def kernels(
+    model: Any, x: Any, num_estimates: int, num_samples: int, chunk: int,
+    coefficient: str = "score",
+) -> Any:  # fmt: skip
+    """The arithmetic that any batched probe of an estimator of the linear Bernoulli VAE that
+    uses only ``f``'s values must do, ``chunk`` estimates at a time, as plain tensor calls (no
+    autograd, no distributions): the samples per example and estimate, the decoder's logits
+    and the likelihood ``-BCE`` of each, the per-example logit coefficients, and the last
+    layer's per-estimate gradients ``delta_m^T x`` formed
+    :data:`~benchmarks.probe.moments.SQUARE_ROWS` rows at a time and summed with their
+    squares. ``coefficient``:
+
+    - ``score``: ``S`` independent samples, ``(f - mean_S f)(z - p)`` (``f (z - p)`` at
+      ``S = 1``): REINFORCE and RLOO;
+    - ``disarm``: ``S`` antithetic pairs ``b = 1[u < p]``, ``b~ = 1[u > sigma(-logit)]`` from one
+      uniform each, ``1/2 (f(b) - f(b~)) (-1)^b~ 1[b != b~] sigma(|logit|)`` (DisARM).
+
+    The loop's time over this is the largest speed-up that a batched probe computing the same
+    per-coordinate moments can reach (the analytic KL's gradient, a few ``[B, m, H]``
+    element-wise operations, is left out, which only makes the bound larger)."""
     import torch
     import torch.nn.functional as F
 
     from benchmarks.probe.moments import SQUARE_ROWS
 
+    if coefficient not in COEFFICIENTS:
+        raise ValueError(f"coefficient={coefficient!r}; allowed: {', '.join(COEFFICIENTS)}")
     enc, dec = model.encoder[-1], model.decoder[-1]
     b, d = x.shape
     h = enc.weight.shape[0]
 
     def run() -> Any:
         with torch.no_grad():
-            probs = torch.sigmoid(F.linear(x, enc.weight, enc.bias))[:, None]  # [B, 1, H]
+            logits = F.linear(x, enc.weight, enc.bias)[:, None]  # [B, 1, H]
+            probs, flipped = torch.sigmoid(logits), torch.sigmoid(-logits)
             sums = x.new_zeros(h, d)
             squares = x.new_zeros(h, d)
             for done in range(0, num_estimates, chunk):
                 m = min(chunk, num_estimates - done)
-                z = (torch.rand(num_samples, b, m, h) < probs).float()  # [S, B, m, H]
-                logits = F.linear(z, dec.weight, dec.bias)  # [S, B, m, D]
-                target = x[:, None].expand(b, m, d).contiguous().expand_as(logits)
-                f = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
-                centred = f - f.mean(0) if num_samples > 1 else f
-                delta = (centred[..., None] * (z - probs)).sum(0) / b  # [B, m, H]
+                u = torch.rand(num_samples, b, m, h)  # [S, B, m, H]
+                if coefficient == "disarm":
+                    z = torch.cat([u < probs, u > flipped]).float()  # [2S, B, m, H]
+                else:
+                    z = (u < probs).float()
+                logits_x = F.linear(z, dec.weight, dec.bias)  # [S or 2S, B, m, D]
+                target = x[:, None].expand(b, m, d).contiguous().expand_as(logits_x)
+                f = -F.binary_cross_entropy_with_logits(logits_x, target, reduction="none")
+                f = f.sum(-1)
+                if coefficient == "disarm":
+                    pair, anti = z[:num_samples], z[num_samples:]
+                    df = 0.5 * (f[:num_samples] - f[num_samples:])[..., None]
+                    weight = (1 - 2 * anti) * (pair != anti) * torch.sigmoid(logits.abs())
+                    delta = (df * weight).sum(0) / (num_samples * b)  # [B, m, H]
+                else:
+                    centred = f - f.mean(0) if num_samples > 1 else f
+                    delta = (centred[..., None] * (z - probs)).sum(0) / b  # [B, m, H]
                 per = delta.permute(2, 1, 0).contiguous()  # [H, m, B]
                 for r in range(0, h, SQUARE_ROWS):
                     g = per[r : r + SQUARE_ROWS] @ x  # [rows, m, D]
@@ -92,7 +118,8 @@ def measure(num_estimates: int, blocks: int, chunk: int, device: str) -> list[di
             r = interleaved_ratio(loop, batched, blocks, block_seconds=0, warmup=1, min_steps=1)
             bound = None
             if name in BOUNDED:
-                arithmetic = kernels(model, x, num_estimates, BOUNDED[name], chunk)
+                kind, samples = BOUNDED[name]
+                arithmetic = kernels(model, x, num_estimates, samples, chunk, kind)
                 bound = interleaved_ratio(loop, arithmetic, blocks, block_seconds=0, warmup=1,
                                           min_steps=1)  # fmt: skip
             target = TARGETS.get(name, 2.0)
@@ -133,7 +160,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         "Interleaved blocks of one call each: M gradient estimates of the encoder by the naive "
         "loop and by the batched probe (`benchmarks/probe/moments.py`); speed-up = median over "
         "blocks of loop / batched, 95% bootstrap interval. Linear VAE 784-200. For the "
-        "score-function cases, `loop / kernels` times the loop against the arithmetic any "
+        "cases that use only f's values (score function, DisARM), `loop / kernels` times the loop against the arithmetic any "
         "batched probe of them must do (samples, decoder products, likelihoods, the last "
         "layer's per-estimate gradients and their squares, as plain tensor calls: "
         "`probe_speed.kernels`): the largest speed-up that computing the same moments "

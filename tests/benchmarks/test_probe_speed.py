@@ -1,5 +1,6 @@
 """The probe-speed measurement's bound (``probe_speed.kernels``): it computes the per-estimate
-score-function gradients of the last layer and their squares, not less (no timing asserts)."""
+score-function and DisARM gradients of the last layer and their squares, not less (no timing
+asserts)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,42 @@ def test_the_kernels_bound_sums_the_score_function_gradients_and_their_squares(
     g = torch.stack(grads)  # [M, H, D]
     torch.testing.assert_close(sums, g.sum(0), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
+
+
+def test_the_disarm_bound_sums_the_estimators_own_gradients_and_their_squares(
+    monkeypatch,
+) -> None:
+    """For 5 estimates in chunks of 2, the DisARM bound's sums and sums of squares equal those
+    of the last layer's gradients that the DisARM estimator itself gives (autograd of its
+    surrogate, the model's likelihood as ``f``) from the same uniforms."""
+    import estimators
+
+    model, x, _ = probe_case("disarm", {}, "bernoulli")
+    run = probe_speed.kernels(model, x, 5, num_samples=1, chunk=2, coefficient="disarm")
+    torch.manual_seed(3)
+    sums, squares = run()
+    torch.manual_seed(3)
+    enc = model.encoder[-1]
+    draws = [torch.rand(1, x.shape[0], m, enc.weight.shape[0]) for m in (2, 2, 1)]
+    est, grads = estimators.get("disarm"), []
+    for u in draws:
+        for j in range(u.shape[2]):
+            monkeypatch.setattr(torch, "rand", lambda *a, u=u[:, :, j], **k: u.clone())
+            w = enc.weight.detach().clone().requires_grad_()
+            q = model.distribution(F.linear(x, w, enc.bias.detach()))
+            out = est(q, lambda z: model.log_likelihood(x, z).detach())
+            grads.append(torch.autograd.grad(out.surrogate.sum() / x.shape[0], w)[0])
+    monkeypatch.undo()
+    g = torch.stack(grads)  # [M, H, D]
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(sums, g.sum(0), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
+
+
+def test_an_unknown_bound_coefficient_is_refused() -> None:
+    model, x, _ = probe_case("disarm", {}, "bernoulli")
+    with pytest.raises(ValueError, match="allowed: score, disarm"):
+        probe_speed.kernels(model, x, 5, num_samples=1, chunk=2, coefficient="arm")
 
 
 @pytest.mark.parametrize(
