@@ -8,7 +8,7 @@ interval (:func:`.summary.interleaved_ratio`). Targets (issue 18): at least 3x f
 and rloo, 2x for the others. Writes ``probe_<device>.json`` and ``probe_<device>.md``::
 
     python -m benchmarks.throughput.probe_speed [--num-estimates 1000] [--blocks 5]
-        [--out-dir results/throughput] [--note TEXT]
+        [--estimators reinforce,rloo,...] [--out-dir results/throughput] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -94,8 +94,11 @@ def kernels(
     return run
 
 
-def measure(num_estimates: int, blocks: int, chunk: int, device: str) -> list[dict[str, Any]]:
-    """One row per case: median seconds of each method and the interleaved speed-up."""
+def measure(
+    num_estimates: int, blocks: int, chunk: int, device: str, names: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per case (of ``names``; all by default): median seconds of each method and the
+    interleaved speed-up."""
     import torch
 
     from benchmarks.probe.moments import gradient_moments, gradient_moments_loop
@@ -106,6 +109,8 @@ def measure(num_estimates: int, blocks: int, chunk: int, device: str) -> list[di
     rows = []
     with torch_threads(1):
         for name, options, family in ESTIMATORS:
+            if names is not None and name not in names:
+                continue
             model, x, est = probe_case(name, options, family, device)
 
             def loop(model=model, x=x, est=est):
@@ -185,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out-dir", default="results/throughput")
     parser.add_argument("--note", default="", help="what else ran on the machine")
+    parser.add_argument("--estimators", default=None,
+                        help="comma-separated cases to measure (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.blocks < 3:
         parser.error(f"--blocks={args.blocks} is invalid; allowed: an integer >= 3")
@@ -192,8 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num-estimates={args.num_estimates} is invalid; allowed: >= 40")
     if args.chunk < 1:
         parser.error(f"--chunk={args.chunk} is invalid; allowed: an integer >= 1")
+    from benchmarks.throughput.bench_probe import ESTIMATORS
+
+    names = None if args.estimators is None else args.estimators.split(",")
+    known = [name for name, _, _ in ESTIMATORS]
+    if names is not None and (not names or set(names) - set(known)):
+        parser.error(f"--estimators={args.estimators} is invalid; allowed: a comma-separated "
+                     f"subset of {', '.join(known)}")  # fmt: skip
     machine = machine_before(args.device, args.note)
-    rows = measure(args.num_estimates, args.blocks, args.chunk, args.device)
+    rows = measure(args.num_estimates, args.blocks, args.chunk, args.device, names)
     machine["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     text = markdown(rows, machine)
     write_measurement(Path(args.out_dir) / f"probe_{args.device}", machine, rows, text)

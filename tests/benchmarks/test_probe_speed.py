@@ -89,7 +89,9 @@ def test_an_unknown_bound_coefficient_is_refused() -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [(["--chunk", "0"], "--chunk=0"), (["--blocks", "2"], "--blocks=2"),
-     (["--num-estimates", "10"], "--num-estimates=10")],
+     (["--num-estimates", "10"], "--num-estimates=10"),
+     (["--estimators", "reinforce,arm"], "--estimators=reinforce,arm"),
+     (["--estimators", ""], "--estimators=")],
 )  # fmt: skip
 def test_bad_options_are_one_line_and_exit_2_before_any_work(
     argv, needle, capsys, tmp_path
