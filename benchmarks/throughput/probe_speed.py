@@ -24,30 +24,39 @@ import pandas as pd
 #: Target speed-up per estimator (issue 18); the others need 2x.
 TARGETS = {"reinforce": 3.0, "rloo": 3.0}
 #: Cases whose bound is measured (:func:`kernels`): name -> (coefficient, samples per estimate).
-BOUNDED = {"reinforce": ("score", 1), "rloo": ("score", 2), "disarm": ("disarm", 1)}
-COEFFICIENTS = ("score", "disarm")
+BOUNDED = {
+    "reinforce": ("score", 1), "rloo": ("score", 2), "disarm": ("disarm", 1),
+    "reparam": ("reparam", 1),
+}  # fmt: skip
+COEFFICIENTS = ("score", "disarm", "reparam")
 
 
 def kernels(
     model: Any, x: Any, num_estimates: int, num_samples: int, chunk: int,
     coefficient: str = "score",
 ) -> Any:  # fmt: skip
-    """The arithmetic that any batched probe of an estimator of the linear Bernoulli VAE that
-    uses only ``f``'s values must do, ``chunk`` estimates at a time, as plain tensor calls (no
-    autograd, no distributions): the samples per example and estimate, the decoder's logits
-    and the likelihood ``-BCE`` of each, the per-example logit coefficients, and the last
-    layer's per-estimate gradients ``delta_m^T x`` formed
+    """The arithmetic that any batched probe of an estimator of the linear VAE must do,
+    ``chunk`` estimates at a time, as plain tensor calls (no autograd, no distributions): the
+    samples per example and estimate, the decoder's logits, what the estimator needs of the
+    likelihood, the per-example gradient ``delta`` with respect to the encoder's output, and
+    the last layer's per-estimate gradients ``delta_m^T x`` formed
     :data:`~benchmarks.probe.moments.SQUARE_ROWS` rows at a time and summed with their
     squares. ``coefficient``:
 
-    - ``score``: ``S`` independent samples, ``(f - mean_S f)(z - p)`` (``f (z - p)`` at
-      ``S = 1``): REINFORCE and RLOO;
-    - ``disarm``: ``S`` antithetic pairs ``b = 1[u < p]``, ``b~ = 1[u > sigma(-logit)]`` from one
-      uniform each, ``1/2 (f(b) - f(b~)) (-1)^b~ 1[b != b~] sigma(|logit|)`` (DisARM).
+    - ``score`` (Bernoulli; REINFORCE, RLOO): ``S`` independent samples, the likelihoods
+      ``f = -BCE``, ``delta = (f - mean_S f)(z - p)`` (``f (z - p)`` at ``S = 1``);
+    - ``disarm`` (Bernoulli): ``S`` antithetic pairs ``b = 1[u < p]``,
+      ``b~ = 1[u > sigma(-logit)]`` from one uniform each, their likelihoods, and
+      ``delta = 1/2 (f(b) - f(b~)) (-1)^b~ 1[b != b~] sigma(|logit|)``;
+    - ``reparam`` (Gaussian, softplus scale): ``z = mu + sigma eps``, the likelihood's gradient
+      ``g = (x - sigmoid(logits)) W`` in ``z`` (its value is not needed), and
+      ``delta = (g - mu, (g eps + 1/sigma - sigma) sigmoid(h_sigma))``, the analytic KL's
+      gradient included.
 
     The loop's time over this is the largest speed-up that a batched probe computing the same
-    per-coordinate moments can reach (the analytic KL's gradient, a few ``[B, m, H]``
-    element-wise operations, is left out, which only makes the bound larger)."""
+    per-coordinate moments can reach (for the Bernoulli cases the analytic KL's gradient, a
+    few ``[B, m, H]`` element-wise operations, is left out, which only makes the bound
+    larger)."""
     import torch
     import torch.nn.functional as F
 
@@ -59,31 +68,50 @@ def kernels(
     b, d = x.shape
     h = enc.weight.shape[0]
 
+    def likelihood(z: Any, m: int) -> tuple[Any, Any]:
+        logits = F.linear(z, dec.weight, dec.bias)  # [S, B, m, D]
+        target = x[:, None].expand(b, m, d).contiguous().expand_as(logits)
+        return logits, target
+
+    def bernoulli_delta(out: Any, m: int) -> Any:
+        logits, flipped = out, -out
+        probs = torch.sigmoid(logits)
+        u = torch.rand(num_samples, b, m, h)  # [S, B, m, H]
+        if coefficient == "disarm":
+            z = torch.cat([u < probs, u > torch.sigmoid(flipped)]).float()  # [2S, B, m, H]
+        else:
+            z = (u < probs).float()
+        lx, target = likelihood(z, m)
+        f = -F.binary_cross_entropy_with_logits(lx, target, reduction="none").sum(-1)
+        if coefficient == "disarm":
+            pair, anti = z[:num_samples], z[num_samples:]
+            df = 0.5 * (f[:num_samples] - f[num_samples:])[..., None]
+            weight = (1 - 2 * anti) * (pair != anti) * torch.sigmoid(logits.abs())
+            return (df * weight).sum(0) / (num_samples * b)  # [B, m, H]
+        centred = f - f.mean(0) if num_samples > 1 else f
+        return (centred[..., None] * (z - probs)).sum(0) / b
+
+    def gaussian_delta(out: Any, m: int) -> Any:
+        loc, raw = out.chunk(2, dim=-1)  # [B, 1, L] each
+        sigma = F.softplus(raw) + 1e-4
+        eps = torch.empty(num_samples, b, m, loc.shape[-1]).normal_()  # [S, B, m, L]
+        lx, target = likelihood(loc + sigma * eps, m)
+        g = (target - torch.sigmoid(lx)) @ dec.weight  # [S, B, m, L]: d log p(x|z) / dz
+        d_loc = (g.sum(0) / num_samples - loc) / b
+        d_sigma = (g * eps).sum(0) / num_samples + 1 / sigma - sigma
+        return torch.cat([d_loc, d_sigma * torch.sigmoid(raw) / b], -1)  # [B, m, 2L]
+
     def run() -> Any:
         with torch.no_grad():
-            logits = F.linear(x, enc.weight, enc.bias)[:, None]  # [B, 1, H]
-            probs, flipped = torch.sigmoid(logits), torch.sigmoid(-logits)
+            out = F.linear(x, enc.weight, enc.bias)[:, None]  # [B, 1, H]
             sums = x.new_zeros(h, d)
             squares = x.new_zeros(h, d)
             for done in range(0, num_estimates, chunk):
                 m = min(chunk, num_estimates - done)
-                u = torch.rand(num_samples, b, m, h)  # [S, B, m, H]
-                if coefficient == "disarm":
-                    z = torch.cat([u < probs, u > flipped]).float()  # [2S, B, m, H]
+                if coefficient == "reparam":
+                    delta = gaussian_delta(out, m)
                 else:
-                    z = (u < probs).float()
-                logits_x = F.linear(z, dec.weight, dec.bias)  # [S or 2S, B, m, D]
-                target = x[:, None].expand(b, m, d).contiguous().expand_as(logits_x)
-                f = -F.binary_cross_entropy_with_logits(logits_x, target, reduction="none")
-                f = f.sum(-1)
-                if coefficient == "disarm":
-                    pair, anti = z[:num_samples], z[num_samples:]
-                    df = 0.5 * (f[:num_samples] - f[num_samples:])[..., None]
-                    weight = (1 - 2 * anti) * (pair != anti) * torch.sigmoid(logits.abs())
-                    delta = (df * weight).sum(0) / (num_samples * b)  # [B, m, H]
-                else:
-                    centred = f - f.mean(0) if num_samples > 1 else f
-                    delta = (centred[..., None] * (z - probs)).sum(0) / b  # [B, m, H]
+                    delta = bernoulli_delta(out, m)
                 per = delta.permute(2, 1, 0).contiguous()  # [H, m, B]
                 for r in range(0, h, SQUARE_ROWS):
                     g = per[r : r + SQUARE_ROWS] @ x  # [rows, m, D]

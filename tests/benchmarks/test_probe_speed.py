@@ -1,6 +1,6 @@
 """The probe-speed measurement's bound (``probe_speed.kernels``): it computes the per-estimate
-score-function and DisARM gradients of the last layer and their squares, not less (no timing
-asserts)."""
+score-function, DisARM and reparameterization gradients of the last layer and their squares,
+not less (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -80,9 +80,40 @@ def test_the_disarm_bound_sums_the_estimators_own_gradients_and_their_squares(
     torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
 
 
+def test_the_reparam_bound_sums_the_estimators_own_gradients_and_their_squares(
+    monkeypatch,
+) -> None:
+    """For 5 estimates in chunks of 2, the reparameterization bound's sums and sums of
+    squares equal those of the last layer's gradients that the reparam estimator gives through
+    the model's learning signal (likelihood and analytic KL) from the same normal draws."""
+    import estimators
+
+    model, x, _ = probe_case("reparam", {}, "gaussian")
+    run = probe_speed.kernels(model, x, 5, num_samples=1, chunk=2, coefficient="reparam")
+    torch.manual_seed(3)
+    sums, squares = run()
+    torch.manual_seed(3)
+    enc = model.encoder[-1]
+    draws = [torch.empty(1, x.shape[0], m, enc.weight.shape[0] // 2).normal_() for m in (2, 2, 1)]
+    est, grads = estimators.get("reparam"), []
+    for eps in draws:
+        for j in range(eps.shape[2]):
+            monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
+                                lambda *a, e=eps[:, :, j], **k: e.clone())  # fmt: skip
+            w = enc.weight.detach().clone().requires_grad_()
+            q = model.distribution(F.linear(x, w, enc.bias.detach()))
+            out = est(q, model.learning_signal(x, q, "analytic"))
+            grads.append(torch.autograd.grad(out.surrogate.sum() / x.shape[0], w)[0])
+    monkeypatch.undo()
+    g = torch.stack(grads)  # [M, H, D]
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(sums, g.sum(0), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
+
+
 def test_an_unknown_bound_coefficient_is_refused() -> None:
     model, x, _ = probe_case("disarm", {}, "bernoulli")
-    with pytest.raises(ValueError, match="allowed: score, disarm"):
+    with pytest.raises(ValueError, match="allowed: score, disarm, reparam"):
         probe_speed.kernels(model, x, 5, num_samples=1, chunk=2, coefficient="arm")
 
 
