@@ -180,7 +180,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
     cells = pd.DataFrame([
         [r["estimator"], r["family"], r["num_estimates"], r["batch_size"],
-         f"{r['loop_s']:.2f}", f"{r['batched_s']:.2f}", f"{r['speedup']:.2f}",
+         f"{r['loop_s']:.2f}", f"{r['batched_s']:.2f}", f"{r['speedup']:.3f}",
          f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]", f">= {r['target']:g}",
          "yes" if r["meets_target"] else "no",
          "—" if r.get("bound") is None else
@@ -193,11 +193,12 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         "Interleaved blocks of one call each: M gradient estimates of the encoder by the naive "
         "loop and by the batched probe (`benchmarks/probe/moments.py`); speed-up = median over "
         "blocks of loop / batched, 95% bootstrap interval. Linear VAE 784-200. For the "
-        "cases that use only f's values (score function, DisARM), `loop / kernels` times the "
-        "loop against the arithmetic any batched probe of them must do (samples, decoder "
-        "products, likelihoods, the last layer's per-estimate gradients and their squares, "
-        "as plain tensor calls: `probe_speed.kernels`): the largest speed-up that computing "
-        "the same moments allows.\n\n"
+        "bounded cases (score function, DisARM, reparameterization), `loop / kernels` times "
+        "the loop against the arithmetic any batched probe of them must do (samples, decoder "
+        "products, the likelihoods or, for reparam, their gradient in z, the last layer's "
+        "per-estimate gradients and their squares, as plain tensor calls: "
+        "`probe_speed.kernels`): the largest speed-up that computing the same moments "
+        "allows. Speed-ups to 3 decimals: met means the median is at least the target.\n\n"
         f"- date: {machine['date']}; commit {machine.get('git_commit')} (dirty: "
         f"{machine.get('git_dirty')}); load average before: {machine['loadavg_before']}, "
         f"after: {machine['loadavg_after']}\n"
