@@ -50,61 +50,42 @@ def test_the_kernels_bound_sums_the_score_function_gradients_and_their_squares(
     torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
 
 
-def test_the_disarm_bound_sums_the_estimators_own_gradients_and_their_squares(
-    monkeypatch,
+#: Where each bounded estimator takes its noise from (patched to replay the bound's draws).
+NOISE = {"disarm": (torch, "rand"), "reparam": (torch.distributions.normal, "_standard_normal")}
+
+
+@pytest.mark.parametrize(("name", "family"), [("disarm", "bernoulli"), ("reparam", "gaussian")])
+def test_the_bound_sums_the_estimators_own_gradients_and_their_squares(
+    name, family, monkeypatch
 ) -> None:
-    """For 5 estimates in chunks of 2, the DisARM bound's sums and sums of squares equal those
-    of the last layer's gradients that the DisARM estimator itself gives (autograd of its
-    surrogate, the model's likelihood as ``f``) from the same uniforms."""
+    """For 5 estimates in chunks of 2, the DisARM and reparameterization bounds' sums and sums
+    of squares equal those of the last layer's gradients that the estimator itself gives
+    (autograd of its surrogate; ``f`` the model's likelihood for DisARM, whose analytic KL the
+    bound leaves out, and the model's learning signal for reparam) from the same uniform or
+    normal draws."""
     import estimators
 
-    model, x, _ = probe_case("disarm", {}, "bernoulli")
-    run = probe_speed.kernels(model, x, 5, num_samples=1, chunk=2, coefficient="disarm")
+    model, x, _ = probe_case(name, {}, family)
+    run = probe_speed.kernels(model, x, 5, num_samples=1, chunk=2, coefficient=name)
     torch.manual_seed(3)
     sums, squares = run()
     torch.manual_seed(3)
     enc = model.encoder[-1]
-    draws = [torch.rand(1, x.shape[0], m, enc.weight.shape[0]) for m in (2, 2, 1)]
-    est, grads = estimators.get("disarm"), []
-    for u in draws:
-        for j in range(u.shape[2]):
-            monkeypatch.setattr(torch, "rand", lambda *a, u=u[:, :, j], **k: u.clone())
+    width = enc.weight.shape[0] // (2 if family == "gaussian" else 1)  # latents
+    draws = [torch.rand(1, x.shape[0], m, width) if name == "disarm"
+             else torch.empty(1, x.shape[0], m, width).normal_() for m in (2, 2, 1)]  # fmt: skip
+    est, grads = estimators.get(name), []
+    for draw in draws:
+        for j in range(draw.shape[2]):
+            monkeypatch.setattr(*NOISE[name], lambda *a, e=draw[:, :, j], **k: e.clone())
             w = enc.weight.detach().clone().requires_grad_()
             q = model.distribution(F.linear(x, w, enc.bias.detach()))
-            out = est(q, lambda z: model.log_likelihood(x, z).detach())
+            if name == "disarm":
+                out = est(q, lambda z: model.log_likelihood(x, z).detach())
+            else:
+                out = est(q, model.learning_signal(x, q, "analytic"))
             grads.append(torch.autograd.grad(out.surrogate.sum() / x.shape[0], w)[0])
-    monkeypatch.undo()
-    g = torch.stack(grads)  # [M, H, D]
-    assert g.abs().sum() > 0
-    torch.testing.assert_close(sums, g.sum(0), rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(squares, (g * g).sum(0), rtol=1e-4, atol=1e-3)
-
-
-def test_the_reparam_bound_sums_the_estimators_own_gradients_and_their_squares(
-    monkeypatch,
-) -> None:
-    """For 5 estimates in chunks of 2, the reparameterization bound's sums and sums of
-    squares equal those of the last layer's gradients that the reparam estimator gives through
-    the model's learning signal (likelihood and analytic KL) from the same normal draws."""
-    import estimators
-
-    model, x, _ = probe_case("reparam", {}, "gaussian")
-    run = probe_speed.kernels(model, x, 5, num_samples=1, chunk=2, coefficient="reparam")
-    torch.manual_seed(3)
-    sums, squares = run()
-    torch.manual_seed(3)
-    enc = model.encoder[-1]
-    draws = [torch.empty(1, x.shape[0], m, enc.weight.shape[0] // 2).normal_() for m in (2, 2, 1)]
-    est, grads = estimators.get("reparam"), []
-    for eps in draws:
-        for j in range(eps.shape[2]):
-            monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
-                                lambda *a, e=eps[:, :, j], **k: e.clone())  # fmt: skip
-            w = enc.weight.detach().clone().requires_grad_()
-            q = model.distribution(F.linear(x, w, enc.bias.detach()))
-            out = est(q, model.learning_signal(x, q, "analytic"))
-            grads.append(torch.autograd.grad(out.surrogate.sum() / x.shape[0], w)[0])
-    monkeypatch.undo()
+            monkeypatch.undo()
     g = torch.stack(grads)  # [M, H, D]
     assert g.abs().sum() > 0
     torch.testing.assert_close(sums, g.sum(0), rtol=1e-4, atol=1e-3)
