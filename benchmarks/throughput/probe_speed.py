@@ -74,11 +74,10 @@ def kernels(
         return logits, target
 
     def bernoulli_delta(out: Any, m: int) -> Any:
-        logits, flipped = out, -out
-        probs = torch.sigmoid(logits)
+        probs = torch.sigmoid(out)  # [B, 1, H]
         u = torch.rand(num_samples, b, m, h)  # [S, B, m, H]
         if coefficient == "disarm":
-            z = torch.cat([u < probs, u > torch.sigmoid(flipped)]).float()  # [2S, B, m, H]
+            z = torch.cat([u < probs, u > torch.sigmoid(-out)]).float()  # [2S, B, m, H]
         else:
             z = (u < probs).float()
         lx, target = likelihood(z, m)
@@ -86,7 +85,7 @@ def kernels(
         if coefficient == "disarm":
             pair, anti = z[:num_samples], z[num_samples:]
             df = 0.5 * (f[:num_samples] - f[num_samples:])[..., None]
-            weight = (1 - 2 * anti) * (pair != anti) * torch.sigmoid(logits.abs())
+            weight = (1 - 2 * anti) * (pair != anti) * torch.sigmoid(out.abs())
             return (df * weight).sum(0) / (num_samples * b)  # [B, m, H]
         centred = f - f.mean(0) if num_samples > 1 else f
         return (centred[..., None] * (z - probs)).sum(0) / b

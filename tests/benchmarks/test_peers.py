@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from benchmarks.throughput import peers
+from tests.benchmarks.cli_checks import assert_refused_before_any_work
 
 
 def test_interleaved_times_rotates_and_times_every_step_in_every_block() -> None:
@@ -42,12 +43,7 @@ def test_missing_peers_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path) -> 
 def test_bad_options_are_one_line_and_exit_2(argv, needle, capsys, tmp_path) -> None:
     """Blocks of no time (or too few blocks): one line naming the option and the allowed
     values, exit 2, before any step is built or anything written."""
-    with pytest.raises(SystemExit) as exc:
-        peers.main([*argv, "--out-dir", str(tmp_path)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert needle in err and "allowed" in err
-    assert not list(tmp_path.iterdir())
+    assert_refused_before_any_work(peers.main, argv, needle, capsys, tmp_path)
 
 
 @pytest.mark.parametrize("num_samples", [1, 2])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from benchmarks.throughput import probe_speed
 from benchmarks.throughput.bench_probe import probe_case
+from tests.benchmarks.cli_checks import assert_refused_before_any_work
 
 
 @pytest.mark.parametrize("num_samples", [1, 2])
@@ -110,9 +111,4 @@ def test_bad_options_are_one_line_and_exit_2_before_any_work(
 ) -> None:
     """A chunk below 1 (which would never advance), too few blocks or estimates: one line
     naming the option and the allowed values, exit 2, nothing measured or written."""
-    with pytest.raises(SystemExit) as exc:
-        probe_speed.main([*argv, "--out-dir", str(tmp_path)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert needle in err and "allowed" in err
-    assert not list(tmp_path.iterdir())
+    assert_refused_before_any_work(probe_speed.main, argv, needle, capsys, tmp_path)
