@@ -22,6 +22,9 @@ FAMILIES: tuple[str, ...] = ("gaussian", "bernoulli", "categorical")
 #: Optionally ``f.detached``: the same values and the same gradient in ``z``, but no gradient
 #: to ``f``'s own parameters; estimators that evaluate ``f`` only for a control variate (REBAR,
 #: RELAX) use it when present, so a backward pass skips ``f``'s parameter gradients there.
+#: Optionally ``f.gradient_only``: unspecified (NaN) values and ``f``'s gradient, in ``z`` and
+#: in ``f``'s parameters; an estimator whose surrogate is the mean of ``f``'s values calls it
+#: when its caller reads no objective (:attr:`EstimatorBase.objective_wanted`).
 Objective = Callable[[Tensor], Tensor]
 
 
@@ -151,15 +154,22 @@ class EstimatorBase(nn.Module):
     double_backward: ClassVar[bool] = False
     #: Whether the caller reads ``Estimate.objective``. A caller that needs only the
     #: surrogate's gradient (the gradient probe) sets it to ``False`` on its own copy; an
-    #: estimator that evaluates ``f`` for the objective alone (the relaxed Gumbel-softmax, at
-    #: the hard samples) then skips that evaluation and returns a NaN objective. The
-    #: surrogate, the random draws and ``f_evals`` (the cost of the estimator as trained) are
-    #: unchanged.
+    #: estimator may then skip work done for the objective alone and return a NaN objective:
+    #: the relaxed Gumbel-softmax skips ``f`` at the hard samples, and the pathwise estimators
+    #: (surrogate ``mean_s f(z_s)``) evaluate ``f.gradient_only`` (:meth:`pathwise_objective`).
+    #: The surrogate's gradient, the random draws and ``f_evals`` (the cost of the estimator
+    #: as trained) are unchanged.
     objective_wanted: bool = True
 
     def __init__(self, num_samples: int = 1) -> None:
         super().__init__()
         self.num_samples = check_num_samples(self.name, num_samples, self.min_samples)
+
+    def pathwise_objective(self, f: Objective) -> Objective:
+        """The ``f`` to evaluate for a surrogate ``mean_s f(z_s)``: ``f.gradient_only`` (see
+        :data:`Objective`) when the caller reads no objective and ``f`` provides it, else
+        ``f``. The surrogate's gradient is the same either way."""
+        return f if self.objective_wanted else getattr(f, "gradient_only", f)
 
     @property
     def unbiased(self) -> bool:

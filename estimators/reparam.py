@@ -45,6 +45,6 @@ class Reparam(EstimatorBase):
         context: Tensor | None,
     ) -> Estimate:
         z = dist.rsample((num_samples,))  # [S, *B, *E]
-        fz = f(z)  # [S, *B]
+        fz = self.pathwise_objective(f)(z)  # [S, *B]
         mean = fz.mean(0)
         return Estimate(mean.detach(), mean, None, num_samples)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.distributions import (
     Bernoulli,
     Distribution,
@@ -92,6 +93,34 @@ class ThresholdBernoulli(Bernoulli):
         with torch.no_grad():
             u = torch.rand(shape, dtype=probs.dtype, device=probs.device)
             return (u < probs).to(probs.dtype)
+
+
+class _BernoulliLogLikelihoodGradient(torch.autograd.Function):
+    """``log p(x|logits) = -sum_d BCE(logits_d, x_d)`` over the last dimension, for a caller
+    that only backpropagates: NaN values, the exact gradient ``(x - sigmoid(logits)) g``.
+
+    The backward is the arithmetic of torch's ``binary_cross_entropy_with_logits`` backward
+    for ``-BCE(...).sum(-1)``, ``(sigmoid(logits) - x) (-g)``, so the gradient equals that
+    expression's bit for bit (``tests/benchmarks/test_vae.py`` pins it); the forward's
+    log-sigmoid pass over ``[*S, B, D]``, which the gradient does not use, is skipped.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits, target)
+        return logits.new_full(logits.shape[:-1], math.nan)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        logits, target = ctx.saved_tensors
+        grad_elem = (-grad)[..., None]  # through the negation and the sum
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.sigmoid(logits).sub_(target).mul_(grad_elem)
+        if ctx.needs_input_grad[1]:  # d(-BCE)/dx = logits
+            grad_target = logits * grad[..., None]
+        return grad_logits, grad_target
 
 
 class LatentPosterior(Independent):
@@ -267,14 +296,20 @@ class VAE(nn.Module):
                 z = layer(z)
         return z
 
-    def log_likelihood(self, x: Tensor, z: Tensor, detached: bool = False) -> Tensor:
+    def log_likelihood(
+        self, x: Tensor, z: Tensor, detached: bool = False, values: bool = True
+    ) -> Tensor:
         """``log p(x|z) = sum_d log Bernoulli(x_d; sigmoid(logit_d(z)))``: ``[*S, B]``.
 
         One fused ``binary_cross_entropy_with_logits`` over all samples; ``z`` may be relaxed.
-        ``detached``: the decoder's parameters get no gradient.
+        ``detached``: the decoder's parameters get no gradient. ``values=False``: NaN values
+        with the same gradient, bit for bit (:class:`_BernoulliLogLikelihoodGradient`), for a
+        caller that only backpropagates.
         """
         logits = self.decode(z, detached)  # [*S, B, D]
         target = x.expand_as(logits)
+        if not values:
+            return _BernoulliLogLikelihoodGradient.apply(logits, target)
         return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
 
     def kl(self, q: Distribution) -> Tensor:
@@ -305,7 +340,9 @@ class VAE(nn.Module):
 
         ``f`` maps ``[S, B, *event]`` to ``[S, B]`` and accepts relaxed samples. With the
         analytic KL it carries ``f.detached`` (:data:`estimators.base.Objective`): the same
-        values and gradient in ``z``, none to the model's parameters.
+        values and gradient in ``z``, none to the model's parameters. Both modes carry
+        ``f.gradient_only``: NaN values and ``f``'s gradient bit for bit, in ``z`` and in the
+        model's parameters (the likelihood's values are not computed).
         """
         if kl not in KL_MODES:
             raise ValueError(f"model.kl={kl!r} is invalid; allowed: {', '.join(KL_MODES)}")
@@ -323,12 +360,20 @@ class VAE(nn.Module):
             def f_detached(z: Tensor) -> Tensor:
                 return self.log_likelihood(x, z, detached=True) - kl_value.detach()
 
+            def f_gradient(z: Tensor) -> Tensor:
+                return self.log_likelihood(x, z, values=False) - kl_value
+
             f.detached = f_detached  # type: ignore[attr-defined]  # estimators.base.Objective
+            f.gradient_only = f_gradient  # type: ignore[attr-defined]
             return f
 
         def f_sampled(z: Tensor) -> Tensor:
             return self.log_likelihood(x, z) + self.log_prior(z) - q.log_prob(z)
 
+        def f_sampled_gradient(z: Tensor) -> Tensor:
+            return self.log_likelihood(x, z, values=False) + self.log_prior(z) - q.log_prob(z)
+
+        f_sampled.gradient_only = f_sampled_gradient  # type: ignore[attr-defined]
         return f_sampled
 
     @torch.no_grad()

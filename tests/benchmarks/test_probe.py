@@ -197,6 +197,53 @@ def test_batched_probe_tells_its_copy_that_the_objective_is_not_read(monkeypatch
     assert seen == [True] * 40 and len(calls) == 80
 
 
+PATHWISE = [
+    ("reparam", {}, "gaussian"),
+    ("gumbel_softmax", {}, "bernoulli"),
+    ("gumbel_softmax", {"straight_through": True}, "categorical"),
+    ("straight_through", {}, "bernoulli"),
+    ("gumbel_rao", {}, "categorical"),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "family"), PATHWISE)
+@pytest.mark.parametrize("kl", ["analytic", "sampled"])
+def test_pathwise_estimators_skip_the_likelihoods_values_when_the_objective_is_not_read(
+    name, options, family, kl, monkeypatch
+) -> None:
+    """Through the VAE's learning signal, a pathwise estimator (surrogate ``mean_s f(z_s)``)
+    told that its objective is not read computes no likelihood value (``f.gradient_only``)
+    and returns a NaN objective, with the same surrogate gradient in every model parameter
+    bit for bit, the same ``f_evals`` and the same next draw as the full call."""
+    model, x = _tiny_vae(family)
+    est = estimators.get(name, **options)
+    valued = []
+    likelihood = model.log_likelihood
+
+    def counted(x, z, detached=False, values=True):
+        valued.append(values)
+        return likelihood(x, z, detached) if values else likelihood(x, z, detached, values)
+
+    monkeypatch.setattr(model, "log_likelihood", counted)
+    results = []
+    for wanted in (True, False):
+        est.objective_wanted = wanted
+        valued.clear()
+        torch.manual_seed(5)
+        q = model.encode(x)
+        out = est(q, model.learning_signal(x, q, kl), num_samples=3)
+        grads = torch.autograd.grad(out.surrogate.sum(), list(model.parameters()))
+        results.append((out, grads, torch.rand(1), any(valued)))
+    (full, grads_full, next_full, values_full), (lean, grads_lean, next_lean, values_lean) = (
+        results
+    )
+    assert values_full and not values_lean
+    assert torch.isnan(lean.objective).all() and lean.objective.shape == full.objective.shape
+    assert torch.isfinite(full.objective).all()
+    assert all(torch.equal(a, b) for a, b in zip(grads_full, grads_lean, strict=True))
+    assert lean.f_evals == full.f_evals and torch.equal(next_lean, next_full)
+
+
 def test_batched_probe_is_exact_when_estimates_are_deterministic() -> None:
     """With (numerically) deterministic latents every estimate equals the one gradient of the
     naive pass: the batched VJP reproduces it to float precision and has zero variance."""

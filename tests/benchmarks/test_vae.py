@@ -293,3 +293,43 @@ def test_vae_samples_bernoulli_latents_with_the_fast_sampler() -> None:
     from benchmarks.harness.vae import ThresholdBernoulli
 
     assert isinstance(vae.encode(_binary(3, 12)).base_dist, ThresholdBernoulli)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kl", ["analytic", "sampled"])
+@pytest.mark.parametrize("arch", ["linear", "nonlinear"])
+def test_gradient_only_signal_has_nan_values_and_fs_gradient_bit_for_bit(family, kl, arch) -> None:
+    """f.gradient_only returns NaN values and f's gradient, bit for bit, in z (relaxed or
+    hard samples) and in every parameter of the model (decoder, and encoder through q), for
+    an upstream gradient that differs per sample and example."""
+    torch.manual_seed(0)
+    vae = VAE(12, family, arch, latent_dim=4, n_categories=3, hidden_dim=7)
+    x = _binary(3, 12)
+    with torch.no_grad():
+        z = vae.encode(x).sample((2,))
+    if family != "gaussian":  # a relaxed point of the cube / simplex, as the relaxations pass
+        z = 0.8 * z + 0.2 * torch.rand_like(z)
+    z.requires_grad_()
+    upstream = torch.randn(2, 3)
+    inputs = [z, *vae.parameters()]
+    f = vae.learning_signal(x, vae.encode(x), kl)
+    full = torch.autograd.grad(f(z), inputs, upstream, allow_unused=True)
+    values = vae.learning_signal(x, vae.encode(x), kl).gradient_only(z)  # a fresh q (no cache)
+    lean = torch.autograd.grad(values, inputs, upstream, allow_unused=True)
+    assert values.shape == (2, 3) and torch.isnan(values).all()
+    assert [g is None for g in lean] == [g is None for g in full]
+    assert sum(g is not None for g in full) > 2  # z, the decoder and the encoder
+    for a, b in zip(full, lean, strict=True):
+        assert a is None or torch.equal(a, b)
+
+
+def test_gradient_only_likelihood_differentiates_the_target_too() -> None:
+    """log_likelihood(values=False) gives the data's gradient ``logits`` as the full
+    expression does (``x`` requiring a gradient is not dropped)."""
+    vae = _tiny("gaussian")
+    z = torch.randn(2, 3, 4)
+    x = torch.rand(3, 12, requires_grad=True)
+    upstream = torch.randn(2, 3)
+    (full,) = torch.autograd.grad(vae.log_likelihood(x, z), x, upstream)
+    (lean,) = torch.autograd.grad(vae.log_likelihood(x, z, values=False), x, upstream)
+    torch.testing.assert_close(lean, full)

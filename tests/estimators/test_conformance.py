@@ -98,6 +98,40 @@ def test_shapes_finiteness_gradients_and_f_evals(name, family, batch, independen
         assert g is not None and g.shape == p.shape and torch.isfinite(g).all()
 
 
+class GradientOnlyObjective(CountingObjective):
+    """:class:`CountingObjective` with ``gradient_only``: NaN values, the same gradient."""
+
+    def gradient_only(self, z: torch.Tensor) -> torch.Tensor:
+        out = self(z)
+        return out + (math.nan - out.detach())
+
+
+@pytest.mark.parametrize(("name", "family"), CASES)
+def test_an_unread_objective_leaves_the_surrogates_gradient_and_f_evals_unchanged(
+    name, family
+) -> None:
+    """With ``objective_wanted = False`` and an ``f`` offering ``f.gradient_only`` (NaN
+    values), every estimator's surrogate has the same gradient, bit for bit, in q's and f's
+    parameters, the same ``f_evals`` and the same next draw as the full call; its objective
+    is the same or NaN. An estimator that read ``f.gradient_only``'s values would turn its
+    gradient NaN."""
+    results = []
+    for wanted in (True, False):
+        torch.manual_seed(3)
+        est, s = _build(name, 4)
+        est.objective_wanted = wanted
+        dist, params = make_dist(family, (3,), True)
+        f = GradientOnlyObjective(len(dist.event_shape))
+        out = est(dist, f, num_samples=s)
+        grads = torch.autograd.grad(out.surrogate.sum(), [*params, f.w], allow_unused=True)
+        results.append((out, grads, torch.rand(1)))
+    (full, grads_full, next_full), (lean, grads_lean, next_lean) = results
+    for a, b in zip(grads_full, grads_lean, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert lean.f_evals == full.f_evals and torch.equal(next_lean, next_full)
+    assert torch.equal(lean.objective, full.objective) or torch.isnan(lean.objective).all()
+
+
 @pytest.mark.parametrize(("name", "family"), CASES)
 def test_state_dict_round_trip_reproduces_the_estimate(name, family) -> None:
     """state_dict survives torch.save/torch.load(weights_only=True), and an estimator loaded
