@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two ``sacct`` polls while waiting for a sweep's jobs.
 POLL_S = float(os.environ.get("GRADBENCH_SLURM_POLL_S", "5"))
+#: Seconds between two warnings while ``sacct`` keeps failing during the wait.
+OUTAGE_WARN_S = 600.0
 #: The sweep dir's list of the SLURM job ids its commands submitted (one per line).
 JOBS_FILE = Path(".slurm") / "jobs"
 #: SLURM states in which the scheduler still holds a job (it may run again).
@@ -105,16 +107,23 @@ def accounting_problem() -> str | None:
     )
 
 
-def job_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+def job_states(
+    job_ids: Sequence[str], errors: list[str] | None = None
+) -> dict[str, dict[str, str]]:
     """``sacct``'s ``State``, ``ExitCode`` and ``Start`` of each task of the
-    given (array) jobs, keyed ``<array id>_<task>`` (pending ranges expanded)."""
+    given (array) jobs, keyed ``<array id>_<task>`` (pending ranges expanded); ``{}`` when
+    ``sacct`` fails, whose last line is then appended to ``errors``."""
     from submitit.slurm.slurm import SlurmInfoWatcher
 
     ids = sorted({str(j).split("_")[0] for j in job_ids})
     if not ids:
         return {}
     code, out = slurm("sacct", "-X", "-P", "-o", "JobID,State,ExitCode,Start", "-j", ",".join(ids))
-    return SlurmInfoWatcher().read_info(out) if code == 0 else {}
+    if code != 0:
+        if errors is not None:
+            errors.append(out.splitlines()[-1] if out else f"exit code {code}")
+        return {}
+    return SlurmInfoWatcher().read_info(out)
 
 
 def state_of(info: dict[str, str]) -> str:
@@ -266,11 +275,30 @@ def remember_jobs(sweep_dir: Path, job_ids: list[str]) -> None:
 
 def wait_for_jobs(jobs: Sequence[Any]) -> dict[str, dict[str, str]]:
     """Poll ``sacct`` until SLURM holds none of ``jobs``; their last ``sacct`` entries, keyed
-    by job id. A job pending for a :data:`BLOCKED` reason cancels them all (one line)."""
+    by job id. A job pending for a :data:`BLOCKED` reason cancels them all (one line).
+
+    While ``sacct`` fails (slurmdbd down or restarting) the jobs keep running and the wait
+    goes on: a warning names the error when the outage starts and every
+    :data:`OUTAGE_WARN_S` seconds, and one line says when ``sacct`` answers again."""
     waiting = {job.job_id for job in jobs}
     ended: dict[str, dict[str, str]] = {}
+    outage_since = warned_at = None
     while waiting:
-        states = job_states(sorted(waiting))
+        errors: list[str] = []
+        states = job_states(sorted(waiting), errors)
+        now = time.monotonic()
+        if errors:
+            outage_since = now if outage_since is None else outage_since
+            if warned_at is None or now - warned_at >= OUTAGE_WARN_S:
+                log.warning(
+                    "sacct fails (%s) since %.0f s; still waiting for %d job(s), which SLURM "
+                    "keeps running; asking again every %g s",
+                    errors[0], now - outage_since, len(waiting), POLL_S,
+                )  # fmt: skip
+                warned_at = now
+        elif outage_since is not None:
+            log.warning("sacct answers again after %.0f s", now - outage_since)
+            outage_since = warned_at = None
         pending = [j for j in waiting if state_of(states.get(j, {})) == "PENDING"]
         reasons = pending_reasons(pending) if pending else {}
         for jid in sorted(waiting):

@@ -101,6 +101,37 @@ def test_a_rerun_while_slurm_holds_an_earlier_job_says_so(tmp_path: Path, fake_s
     assert "7_0" not in str(err.value.code).split("(")[1].split(")")[0]
 
 
+def test_an_accounting_outage_while_waiting_is_reported_and_outlasted(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """``sacct`` failing while the sweep waits (slurmdbd restarting): one warning names the
+    error and says the wait goes on, one line says when it answers again, and the job's
+    state is then read as usual (no silent wait, no abandoned sweep)."""
+    bin_dir, count = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(
+        f"#!/bin/sh\necho x >> {count}\n"
+        f'if [ "$(wc -l < {count})" -le 3 ]; then\n'
+        "  echo 'sacct: error: Problem talking to the database: Connection refused'; exit 1\n"
+        "fi\n"
+        "printf 'JobID|State|ExitCode|Start\\n7_0|COMPLETED|0:0|2026-01-01T00:00:00\\n'\n"
+    )
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "POLL_S", 0.01)
+
+    class Job:
+        job_id = "7_0"
+
+    with caplog.at_level("WARNING", logger=slurm.__name__):
+        ended = slurm.wait_for_jobs([Job()])
+    assert ended["7_0"]["State"] == "COMPLETED"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "Connection refused" in lines[0] and "still waiting for 1 job" in lines[0]
+    assert lines[1].startswith("sacct answers again after")
+
+
 def test_a_requeued_job_counts_by_its_last_report(tmp_path: Path, monkeypatch) -> None:
     """A job requeued by SLURM reports twice (``failed`` by the stopped attempt, then
     ``completed``): the sweep summary counts the last report only."""
