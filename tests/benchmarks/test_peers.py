@@ -47,11 +47,12 @@ def test_bad_options_are_one_line_and_exit_2(argv, needle, capsys, tmp_path) -> 
 
 
 @pytest.mark.parametrize("num_samples", [1, 2])
-@pytest.mark.parametrize("framework", ["pyro", "storchastic"])
+@pytest.mark.parametrize("framework", ["pyro", "pyro_jit", "storchastic", "harness_compiled"])
 def test_peer_steps_train_the_linear_bernoulli_vae(framework: str, num_samples: int) -> None:
-    """A peer's step runs on the benchmark's model and batch and returns a finite loss whose
-    per-example value is that of the harness's model at the same initialization (about 540
-    nats: the same networks, data and prior), so the comparison times the same model."""
+    """A peer's step (eager or compiled, and the harness's compiled step) runs on the
+    benchmark's model and batch and returns a finite loss whose per-example value is that of
+    the harness's model at the same initialization (about 540 nats: the same networks, data
+    and prior), so the comparison times the same model."""
     if missing := peers.missing_peers():  # found without importing them
         pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[peers]')")
     # In a child process: importing storch patches torch functions for the whole process
@@ -67,7 +68,7 @@ def test_peer_steps_train_the_linear_bernoulli_vae(framework: str, num_samples: 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     loss, harness = map(float, out.stdout.split()[-2:])
-    per_example = loss / peers.BATCH if framework == "pyro" else loss  # Pyro sums the batch
+    per_example = loss / peers.BATCH if framework.startswith("pyro") else loss  # Pyro: a sum
     assert math.isfinite(per_example)
     assert per_example == pytest.approx(harness, rel=0.02)
 
