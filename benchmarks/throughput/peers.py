@@ -103,20 +103,23 @@ def pyro_step(num_samples: int, jit: bool = False) -> Callable[[], Tensor]:
     import pyro.distributions as dist
     from pyro.infer import SVI, JitTraceGraph_ELBO, TraceGraph_ELBO
 
-    pyro.clear_param_store()
+    pyro.clear_param_store()  # a step re-registers its networks at every call
+    # Both Pyro steps of a block share the param store: each registers its networks under
+    # names of its own (a shared name would swap the other step's parameters in).
+    prefix = "jit_" if jit else ""
     pyro.enable_validation(False)
     encoder, decoder = _networks()
     x = _batch()
 
     def model(x: Tensor) -> None:
-        pyro.module("decoder", decoder)
+        pyro.module(f"{prefix}decoder", decoder)
         with pyro.plate("data", x.shape[0]):
             prior = dist.Bernoulli(logits=x.new_zeros(x.shape[0], LATENTS)).to_event(1)
             z = pyro.sample("z", prior)
             pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
 
     def guide(x: Tensor) -> None:
-        pyro.module("encoder", encoder)
+        pyro.module(f"{prefix}encoder", encoder)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Bernoulli(logits=encoder(x)).to_event(1))
 
