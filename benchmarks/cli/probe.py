@@ -19,7 +19,12 @@ from omegaconf.errors import OmegaConfBaseException
 import estimators
 from benchmarks.probe.reference import reference_method
 from benchmarks.probe.runner import ProbeRunner, build_estimator, eval_binarized_probe_batch
-from benchmarks.probe.trajectory import TRAJECTORY_FILE, ranking_table, warm_up
+from benchmarks.probe.trajectory import (
+    TRAJECTORY_FILE,
+    ranking_table,
+    warm_up,
+    warm_up_seed,
+)
 from benchmarks.report.tables import markdown_table
 from estimators.exact import MAX_CONFIGS, num_configurations
 
@@ -194,7 +199,10 @@ def probe_trajectory(
 
     The cross-estimator variance-versus-progress curve: every estimator is measured at the
     same parameters (the snapshots of one shared training trajectory) on the same fixed probe
-    batch (the run's own probe batch). Returns tidy rows with the metrics columns.
+    batch (the run's own probe batch). At each snapshot every estimator's running state
+    (moving averages) is first warmed up there by 200 estimates drawn from a stream seeded
+    by (``seed``, step) (:func:`~benchmarks.probe.trajectory.warm_up_seed`), so the same
+    command gives the same rows. Returns tidy rows with the metrics columns.
     """
     from benchmarks.harness import checkpoint
     from benchmarks.records.runs import COLUMNS
@@ -214,11 +222,14 @@ def probe_trajectory(
     keys = ("run_id", "estimator", "estimator_label", "family", "dataset", "model")
     identity = {k: data.get(k) for k in keys}
     rows = []
+    devices = [batch.device] if batch.device.type == "cuda" else []
     for path in snapshots:
         state = checkpoint.load(path)
         model.load_state_dict(state["model"])
-        for _, est in basket:
-            warm_up(est, model, batch, kl)
+        with torch.random.fork_rng(devices=devices):  # seeded: the same command, same rows
+            torch.manual_seed(warm_up_seed(seed, int(state["step"])))
+            for _, est in basket:
+                warm_up(est, model, batch, kl)
         for r in runner(model, basket[0], seed * 1_000_003 + int(state["step"])):
             rows.append({**identity, "seed": run_seed, "step": int(state["step"]),
                          "wall_time": float("nan"), "f_evals": int(state["f_evals"]),
