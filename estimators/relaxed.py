@@ -95,7 +95,8 @@ class GumbelSoftmax(EstimatorBase):
         y = soften(perturb(logits, family, (num_samples,)), family, self.temperature.to(logits))
         hard = hard_of(y.detach(), family, threshold=0.5)
         if self.straight_through:
-            fz = self.pathwise_objective(f)((hard - y.detach() + y).to(dtype))  # hard; relaxed
+            st = (hard - y.detach() + y).to(dtype)  # forward: hard; backward: relaxed
+            fz = self.pathwise_objective(f)(st)
             return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
         fz = self.pathwise_objective(f)(y.to(dtype))
         if not self.objective_wanted:  # f at the hard samples serves the objective only
@@ -235,7 +236,8 @@ class StraightThrough(EstimatorBase):
     ) -> Estimate:
         probs = base_of(dist).probs  # [*B, *E]
         hard = dist.sample((num_samples,))  # [S, *B, *E]
-        fz = self.pathwise_objective(f)(hard + (probs - probs.detach()))  # gradient to probs
+        st = hard + (probs - probs.detach())  # value exactly hard; gradient to probs
+        fz = self.pathwise_objective(f)(st)
         return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
 
 
@@ -296,7 +298,8 @@ class GumbelRao(EstimatorBase):
         with torch.no_grad():  # the noise is held fixed: no derivative through G
             noise = conditional_noise(logits, hard, family, (self.num_rao_samples,))
         y = soften(logits + noise, family, self.temperature.to(logits)).mean(0)  # [S, *B, *E]
-        fz = self.pathwise_objective(f)((hard + (y - y.detach())).to(dtype))  # value: hard
+        st = (hard + (y - y.detach())).to(dtype)  # value exactly hard
+        fz = self.pathwise_objective(f)(st)
         return Estimate(fz.detach().mean(0), fz.mean(0), None, num_samples)
 
     def extra_repr(self) -> str:
