@@ -19,12 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 import estimators
 from benchmarks.probe.reference import reference_method
 from benchmarks.probe.runner import ProbeRunner, build_estimator, eval_binarized_probe_batch
-from benchmarks.probe.trajectory import (
-    TRAJECTORY_FILE,
-    ranking_table,
-    warm_up,
-    warm_up_seed,
-)
+from benchmarks.probe.trajectory import TRAJECTORY_FILE, ranking_table, warm_up
 from benchmarks.report.tables import markdown_table
 from estimators.exact import MAX_CONFIGS, num_configurations
 
@@ -62,6 +57,7 @@ def check_arguments(
     groups: int,
     chunk: int,
     device: str,
+    seed: int = 0,
 ) -> torch.device:
     """Check the options of ``gradbench-probe`` before any work; return the device.
 
@@ -79,6 +75,7 @@ def check_arguments(
         f"an integer >= 2 * --groups = {2 * groups}",
     )  # fmt: skip
     require(chunk >= 1, "--chunk", chunk, "an integer >= 1")
+    require(seed >= 0, "--seed", seed, "an integer >= 0")
     refs = (*REFERENCE_KINDS, *estimators.available())
     require(reference in refs, "--reference", reference, ", ".join(refs))
     if reference not in ("exact", "none"):  # a Monte Carlo reference may be used
@@ -201,15 +198,17 @@ def probe_trajectory(
     same parameters (the snapshots of one shared training trajectory) on the same fixed probe
     batch (the run's own probe batch). At each snapshot every estimator's running state
     (moving averages) is first warmed up there by 200 estimates drawn from a stream seeded
-    by (``seed``, step) (:func:`~benchmarks.probe.trajectory.warm_up_seed`), so the same
-    command gives the same rows. Returns tidy rows with the metrics columns.
+    by (``seed``, step) (:func:`~benchmarks.harness.evaluate.eval_seed`), apart from the
+    probe's, so the same command gives the same rows. Returns tidy rows with the metrics columns.
     """
     from benchmarks.harness import checkpoint
+    from benchmarks.harness.evaluate import eval_seed
     from benchmarks.records.runs import COLUMNS
 
     torch_device = check_arguments(
         num_estimates=num_estimates, reference=reference, reference_samples=reference_samples,
         reference_estimates=reference_estimates, groups=groups, chunk=chunk, device=device,
+        seed=seed,
     )  # fmt: skip
     data, snapshots = _load_run(run_dir)
     (family, kl, run_seed), basket, model, batch = _build_run(run_dir, data, specs, torch_device)
@@ -227,7 +226,9 @@ def probe_trajectory(
         state = checkpoint.load(path)
         model.load_state_dict(state["model"])
         with torch.random.fork_rng(devices=devices):  # seeded: the same command, same rows
-            torch.manual_seed(warm_up_seed(seed, int(state["step"])))
+            # Apart from the probe's stream (seed * 1_000_003 + step), whose samples the
+            # warmed-up baselines must not have seen.
+            torch.manual_seed(eval_seed(seed, int(state["step"])) + 3)
             for _, est in basket:
                 warm_up(est, model, batch, kl)
         for r in runner(model, basket[0], seed * 1_000_003 + int(state["step"])):

@@ -22,6 +22,7 @@ bounds with exact samples of ``q``, independently of how the model was trained.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -112,7 +113,9 @@ class _BernoulliLogLikelihoodGradient(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
         logits, target = ctx.saved_tensors
         grad_elem = (-grad)[..., None]  # through the negation and the sum
         grad_logits = grad_target = None
@@ -354,26 +357,22 @@ class VAE(nn.Module):
         if kl == "analytic":
             kl_value = self.kl(q)  # [B]
 
-            def f(z: Tensor) -> Tensor:
-                return self.log_likelihood(x, z) - kl_value
+            def f(z: Tensor, values: bool = True) -> Tensor:
+                return self.log_likelihood(x, z, values=values) - kl_value
 
             def f_detached(z: Tensor) -> Tensor:
                 return self.log_likelihood(x, z, detached=True) - kl_value.detach()
 
-            def f_gradient(z: Tensor) -> Tensor:
-                return self.log_likelihood(x, z, values=False) - kl_value
-
             f.detached = f_detached  # type: ignore[attr-defined]  # estimators.base.Objective
-            f.gradient_only = f_gradient  # type: ignore[attr-defined]
+            f.gradient_only = functools.partial(f, values=False)  # type: ignore[attr-defined]
             return f
 
-        def f_sampled(z: Tensor) -> Tensor:
-            return self.log_likelihood(x, z) + self.log_prior(z) - q.log_prob(z)
+        def f_sampled(z: Tensor, values: bool = True) -> Tensor:
+            likelihood = self.log_likelihood(x, z, values=values)
+            return likelihood + self.log_prior(z) - q.log_prob(z)
 
-        def f_sampled_gradient(z: Tensor) -> Tensor:
-            return self.log_likelihood(x, z, values=False) + self.log_prior(z) - q.log_prob(z)
-
-        f_sampled.gradient_only = f_sampled_gradient  # type: ignore[attr-defined]
+        gradient_only = functools.partial(f_sampled, values=False)
+        f_sampled.gradient_only = gradient_only  # type: ignore[attr-defined]
         return f_sampled
 
     @torch.no_grad()

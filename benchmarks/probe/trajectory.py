@@ -4,7 +4,6 @@ the ranking of their variances at one step.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,14 +16,6 @@ if TYPE_CHECKING:  # pandas is imported where a table is built, not on a trainin
 
 #: File of a run directory holding the rows of ``gradbench-probe`` (same columns as metrics).
 TRAJECTORY_FILE = "probe_trajectory.parquet"
-
-
-def warm_up_seed(seed: int, step: int) -> int:
-    """The seed of the trajectory probe's warm-ups at ``step`` (``gradbench-probe --seed``):
-    a 63-bit hash of both, so the warm-up's stream is its own, apart from the probe's
-    (seeded ``seed * 1_000_003 + step``), whose samples its baselines must not have seen."""
-    digest = hashlib.blake2b(f"warm-up {seed} {step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def warm_up(est: nn.Module, model: nn.Module, x: Tensor, kl: str, calls: int = 200) -> None:

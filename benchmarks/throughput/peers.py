@@ -72,23 +72,21 @@ def _networks(seed: int = 0) -> tuple[nn.Linear, nn.Linear]:
     return nn.Linear(DATA_DIM, LATENTS), nn.Linear(LATENTS, DATA_DIM)
 
 
-def harness_step(num_samples: int) -> Callable[[], Tensor]:
+def harness_step(num_samples: int, compiled: bool = False) -> Callable[[], Tensor]:
     """The harness's step (:func:`.bench_throughput.harness_step`): reinforce at ``S = 1``,
-    rloo otherwise."""
-    from benchmarks.throughput.bench_throughput import build, make_case
+    rloo otherwise; ``compiled``: with ``compile=true`` (the loss under ``torch.compile``,
+    compiled by its first calls, which the warm-up makes)."""
+    from benchmarks.throughput.bench_throughput import build, harness_step_compiled, make_case
     from benchmarks.throughput.bench_throughput import harness_step as step
 
     name = "reinforce" if num_samples == 1 else "rloo"
-    return step(build(make_case(name, {}, "bernoulli", BATCH, num_samples)))
+    setup = build(make_case(name, {}, "bernoulli", BATCH, num_samples))
+    return harness_step_compiled(setup) if compiled else step(setup)
 
 
 def harness_compiled_step(num_samples: int) -> Callable[[], Tensor]:
-    """:func:`harness_step` with ``compile=true`` (the loss under ``torch.compile``, compiled
-    by its first calls, which the warm-up makes)."""
-    from benchmarks.throughput.bench_throughput import build, harness_step_compiled, make_case
-
-    name = "reinforce" if num_samples == 1 else "rloo"
-    return harness_step_compiled(build(make_case(name, {}, "bernoulli", BATCH, num_samples)))
+    """:func:`harness_step` with ``compile=true``."""
+    return harness_step(num_samples, compiled=True)
 
 
 def pyro_jit_step(num_samples: int) -> Callable[[], Tensor]:

@@ -492,7 +492,7 @@ def snapshot_run(tmp_path_factory: pytest.TempPathFactory):
 def test_trajectory_probe_cli_gives_the_same_rows_twice(snapshot_run, tmp_path) -> None:
     """The same gradbench-probe command twice gives identical rows whatever the global random
     state before it, for an estimator whose moving-average baseline is warmed up at each
-    snapshot (the warm-up draws from the probe's own seeded stream)."""
+    snapshot (the warm-up draws from a stream of its own, seeded by --seed and the step)."""
     import shutil
 
     from benchmarks.cli.probe import main
@@ -521,6 +521,7 @@ EARLIER = b"an earlier, complete probe result"
     ("args", "says"),
     [
         (["--groups", "1"], r"--groups=1 is invalid; allowed: an integer >= 2"),
+        (["--seed", "-1"], r"--seed=-1 is invalid; allowed: an integer >= 0"),
         (["--groups", "30"], r"--num-estimates=40 is invalid; allowed: .* >= 2 \* --groups = 60"),
         (["--chunk", "0"], r"--chunk=0 is invalid; allowed: an integer >= 1"),
         (["--reference-samples", "0"], r"--reference-samples=0 is invalid; allowed: >= 1"),
